@@ -1,0 +1,1 @@
+"""FastVLM in plain PyTorch."""
