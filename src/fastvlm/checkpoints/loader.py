@@ -1,0 +1,168 @@
+"""Load a checkpoint of either format into a ``FastVLM``.
+
+The model is built on the meta device and each tensor is read (memory-mapped),
+converted and placed on the target device one at a time, so a second full copy of
+the weights never exists in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import FastVLMConfig
+from ..device import resolve_device, resolve_dtype
+from ..errors import CheckpointError
+from .formats import APPLE_FORMAT, read_config_json
+from .fusion import LazyState, fuse_vision_state
+from .hub import resolve_checkpoint
+from .keymap import apple_network_table, apple_to_hf, hf_to_ours
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files, safetensors preferred, shards in index order."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(
+                    f"{index} is not a valid shard index; re-download the checkpoint"
+                ) from exc
+            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{folder} is missing shard(s) {missing}; re-download the checkpoint")
+            return files
+    for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    raise CheckpointError(f"{folder} has no model.safetensors (or pytorch_model.bin); nothing to load")
+
+
+def _open_lazy(files: list[Path], stack: ExitStack) -> LazyState:
+    from safetensors import safe_open
+
+    state: LazyState = {}
+    for path in files:
+        try:
+            if path.suffix == ".safetensors":
+                handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                for key in handle.keys():
+                    state[key] = lambda h=handle, k=key: h.get_tensor(k)
+            else:
+                # Never unpickle arbitrary objects: tensors only.
+                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                for key, value in tensors.items():
+                    state[key] = lambda v=value: v
+        except CheckpointError:
+            raise
+        except Exception as exc:  # corrupt or truncated file
+            raise CheckpointError(
+                f"cannot read weights from {path} ({exc}); re-download the checkpoint"
+            ) from exc
+    return state
+
+
+def _rename(state: LazyState, config: FastVLMConfig) -> LazyState:
+    network = apple_network_table(config.vision) if config.format == APPLE_FORMAT else None
+    out: LazyState = {}
+    for key, lazy in state.items():
+        hf_key = apple_to_hf(key, network) if network is not None else key
+        if hf_key is None:
+            continue
+        ours = hf_to_ours(hf_key)
+        out[ours if ours is not None else "<unknown>." + key] = lazy
+    return out
+
+
+def _check_keys(state: LazyState, expected: dict[str, torch.Tensor]) -> None:
+    missing = [k for k in expected if k not in state]
+    unexpected = [k.removeprefix("<unknown>.") for k in state if k not in expected]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint is missing weight {missing[0]!r}{more}; is it a complete FastVLM checkpoint?"
+        )
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint has unexpected weight {unexpected[0]!r}{more}; it does not match its config.json"
+        )
+
+
+def _set(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def load_state(model, state: LazyState, dtype: torch.dtype, device: torch.device, progress: bool) -> None:
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = "lm_head.weight" not in state or model.config.text.tie_word_embeddings
+    if tied:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
+    _check_keys(state, expected)
+    for name, target in _progress(expected.items(), progress, len(expected)):
+        tensor = state[name]()
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}; "
+                "the checkpoint and its config.json disagree"
+            )
+        _set(model, name, tensor.to(device=device, dtype=dtype))
+    if tied:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+
+
+def _progress(items, enabled: bool, total: int) -> Iterator:
+    return iter(
+        tqdm(items, total=total, desc="Loading weights", unit="tensor", disable=not enabled, leave=False)
+    )
+
+
+def _apply_generation_config(config: FastVLMConfig, folder: Path) -> None:
+    """Stop and pad ids from generation_config.json override config.json's, as in transformers."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return
+    try:
+        gen = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or delete it") from exc
+    if gen.get("eos_token_id") is not None:
+        config.eos_token_id = gen["eos_token_id"]
+    if gen.get("pad_token_id") is not None:
+        config.pad_token_id = gen["pad_token_id"]
+
+
+def load_model(
+    src: str | os.PathLike, *, dtype=None, device=None, revision: str | None = None, progress: bool = True
+):
+    from ..models.fastvlm import FastVLM
+
+    folder = resolve_checkpoint(src, revision=revision)
+    config = FastVLMConfig.from_dict(read_config_json(folder))
+    _apply_generation_config(config, folder)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    with torch.device("meta"):
+        model = FastVLM(config)
+    with ExitStack() as stack:
+        state = fuse_vision_state(_rename(_open_lazy(weight_files(folder), stack), config))
+        load_state(model, state, dt, dev, progress)
+    model.eval()
+    model.source = str(folder)
+    return model

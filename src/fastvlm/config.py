@@ -1,0 +1,217 @@
+"""Typed model configuration, built from either checkpoint format's config.json.
+
+The dataclasses here describe architecture only. Which keys a checkpoint uses is
+the business of ``fastvlm.checkpoints``; how text and images are turned into
+tensors is the business of ``fastvlm.processing``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .checkpoints.formats import APPLE_FORMAT, HF_FORMAT, Format, detect_format
+from .errors import CheckpointError
+
+# The placeholder id that marks image positions in ``input_ids``. The transformers
+# checkpoints have ``<image>`` at this id; Apple's checkpoints mark images with -200,
+# which cannot be embedded, so we use the same (otherwise unused) row for both.
+DEFAULT_IMAGE_TOKEN_ID = 151646
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    """Build a dataclass from a dict, ignoring keys it does not know."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class VisionConfig:
+    """FastViTHD (timm ``fastvit_mci3``) architecture; defaults are the published tower."""
+
+    layers: tuple[int, ...] = (2, 12, 24, 4, 2)
+    embed_dims: tuple[int, ...] = (96, 192, 384, 768, 1536)
+    mlp_ratios: tuple[float, ...] = (4, 4, 4, 4, 4)
+    token_mixers: tuple[str, ...] = ("repmixer", "repmixer", "repmixer", "attention", "attention")
+    # Kernel size of the RepCPE positional conv before each stage, or None for no RepCPE.
+    pos_embs: tuple[int | None, ...] = (None, None, None, 7, 7)
+    downsamples: tuple[bool, ...] = (False, True, True, True, True)
+    se_downsamples: tuple[bool, ...] = (False, False, False, False, False)
+    repmixer_kernel_size: int = 3
+    down_patch_size: int = 7
+    down_stride: int = 2
+    lkc_use_act: bool = True
+    stem_use_scale_branch: bool = False
+    layer_scale: bool = True
+    cls_ratio: float = 2.0
+    in_chans: int = 3
+    head_dim: int = 32
+    norm_eps: float = 1e-5
+    image_size: int = 1024
+
+    def __post_init__(self) -> None:
+        n = len(self.layers)
+        self.layers = tuple(int(x) for x in self.layers)
+        self.embed_dims = tuple(int(x) for x in self.embed_dims)
+        for name in ("mlp_ratios", "token_mixers", "pos_embs", "downsamples", "se_downsamples"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                value = (value,) * n
+            if len(value) != n:
+                raise CheckpointError(f"vision config: {name} has {len(value)} entries, layers has {n}")
+            setattr(self, name, tuple(value))
+        bad = set(self.token_mixers) - {"repmixer", "attention"}
+        if bad:
+            raise CheckpointError(f"vision config: unknown token mixer(s) {sorted(bad)}")
+
+    @property
+    def num_features(self) -> int:
+        return int(self.embed_dims[-1] * self.cls_ratio)
+
+    def stage_downsamples(self) -> list[bool]:
+        """Whether each stage opens with a patch embed (timm also adds one on a width change)."""
+        prev = self.embed_dims[0]
+        out = []
+        for dim, flag in zip(self.embed_dims, self.downsamples, strict=True):
+            out.append(bool(flag) or prev != dim)
+            prev = dim
+        return out
+
+    @property
+    def reduction(self) -> int:
+        """Total stride: the stem halves twice, each patch embed halves once."""
+        return 4 * self.down_stride ** sum(self.stage_downsamples())
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.reduction) ** 2
+
+    @classmethod
+    def from_timm_args(cls, model_args: dict[str, Any] | None, image_size: int = 1024) -> VisionConfig:
+        args = dict(model_args or {})
+        pos = args.pop("pos_embs", None)
+        if pos is not None:
+            # JSON cannot carry timm's partial(RepConditionalPosEnc); any truthy entry means
+            # the published 7x7 RepCPE, an int gives its kernel size.
+            args["pos_embs"] = tuple(
+                None if p is None or p is False else (p if isinstance(p, int) and p > 1 else 7) for p in pos
+            )
+        if "layer_scale_init_value" in args:
+            args["layer_scale"] = args.pop("layer_scale_init_value") is not None
+        if "in_chans" not in args and "in_channels" in args:
+            args["in_chans"] = args.pop("in_channels")
+        return _from_dict(cls, {**args, "image_size": image_size})
+
+
+@dataclass
+class TextConfig:
+    """Qwen2 decoder architecture."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    head_dim: int = 0  # 0 means hidden_size // num_attention_heads
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(
+                f"text config: {self.num_attention_heads} attention heads is not a multiple of "
+                f"{self.num_key_value_heads} key/value heads"
+            )
+
+    @classmethod
+    def from_hf(cls, data: dict[str, Any]) -> TextConfig:
+        data = dict(data)
+        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        if "rope_theta" in rope and "rope_theta" not in data:
+            data["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise CheckpointError(f"text config: rope type {rope.get('rope_type')!r} is not supported")
+        if data.get("use_sliding_window"):
+            raise CheckpointError("text config: sliding-window attention is not supported")
+        if data.get("head_dim") is None:
+            data.pop("head_dim", None)
+        return _from_dict(cls, data)
+
+
+@dataclass
+class FastVLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    format: Format = HF_FORMAT
+    image_token_id: int = DEFAULT_IMAGE_TOKEN_ID
+    projector_bias: bool = True
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_image_tokens
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FastVLMConfig:
+        fmt = detect_format(data)
+        return _from_hf(data) if fmt == HF_FORMAT else _from_apple(data)
+
+
+def _from_hf(data: dict[str, Any]) -> FastVLMConfig:
+    vision = data.get("vision_config") or {}
+    arch = vision.get("architecture", "fastvit_mci3")
+    if arch != "fastvit_mci3":
+        raise CheckpointError(f"vision tower {arch!r} is not supported; FastVLM uses fastvit_mci3")
+    if (
+        data.get("vision_feature_select_strategy", "full") != "full"
+        or data.get("vision_feature_layer", -1) != -1
+    ):
+        raise CheckpointError("only vision_feature_select_strategy 'full' and vision_feature_layer -1 exist")
+    if data.get("projector_hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"projector activation {data['projector_hidden_act']!r} is not supported")
+    text_data = dict(data.get("text_config") or {})
+    text = TextConfig.from_hf(text_data)
+    # transformers forwards a tie flag set on either level to the whole model.
+    text.tie_word_embeddings = bool(data.get("tie_word_embeddings") or text_data.get("tie_word_embeddings"))
+    image_size = _image_size_from(vision.get("pretrained_cfg", {}).get("input_size"), default=1024)
+    return FastVLMConfig(
+        vision=VisionConfig.from_timm_args(vision.get("model_args"), image_size),
+        text=text,
+        format=HF_FORMAT,
+        image_token_id=int(data.get("image_token_index", data.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID))),
+        projector_bias=bool(data.get("multimodal_projector_bias", True)),
+        eos_token_id=text_data.get("eos_token_id", data.get("eos_token_id")),
+    )
+
+
+def _from_apple(data: dict[str, Any]) -> FastVLMConfig:
+    tower = data.get("mm_vision_tower", "mobileclip_l_1024")
+    match = re.fullmatch(r"mobileclip_l_(\d+)", str(tower).rsplit("/", 1)[-1])
+    if not match:
+        raise CheckpointError(f"vision tower {tower!r} is not supported; FastVLM uses mobileclip_l_<size>")
+    if data.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise CheckpointError(f"projector {data['mm_projector_type']!r} is not supported (mlp2x_gelu only)")
+    text = TextConfig.from_hf(data)
+    text.tie_word_embeddings = bool(data.get("tie_word_embeddings", False))
+    return FastVLMConfig(
+        # Apple's towers are fixed by name; "vision_model_args" (our extension, timm's
+        # argument names) describes a shrunk tower such as the ones tests build.
+        vision=VisionConfig.from_timm_args(data.get("vision_model_args"), int(match.group(1))),
+        text=text,
+        format=APPLE_FORMAT,
+        image_token_id=DEFAULT_IMAGE_TOKEN_ID,
+        eos_token_id=data.get("eos_token_id"),
+    )
+
+
+def _image_size_from(input_size: Any, default: int) -> int:
+    if isinstance(input_size, (list, tuple)) and len(input_size) == 3:
+        return int(input_size[-1])
+    return default
