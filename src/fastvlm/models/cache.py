@@ -29,14 +29,18 @@ class KVCache:
         self.max_len = max_len
         self.batch_size = batch_size
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, nkv, T, hd) at columns ``slots`` (B, T) of rows 0..B-1."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(slots)  # (B, T)
+    def write(self, layer: int, rows: slice, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, nkv, T, hd) of cache rows ``rows`` (B of them) at columns ``slots`` (B, T)."""
+        index = torch.arange(rows.start, rows.stop, device=k.device)[:, None].expand_as(slots)  # (B, T)
         # Advanced indices on dims 0 and 2 put (B, T) first: the target is (B, T, nkv, hd).
-        self.k[layer][rows, :, slots] = k.transpose(1, 2)
-        self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        self.k[layer][index, :, slots] = k.transpose(1, 2)
+        self.v[layer][index, :, slots] = v.transpose(1, 2)
 
-    def read(self, layer: int, length: int, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``length`` columns of the first ``batch`` rows: (B, nkv, length, hd) each."""
-        b = self.batch_size if batch is None else batch
-        return self.k[layer, :b, :, :length], self.v[layer, :b, :, :length]
+    def read(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``length`` columns of cache rows ``rows``: views of (B, nkv, length, hd)."""
+        return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row ``src`` over row ``dst`` (keeps running sequences packed at the front)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]

@@ -76,6 +76,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         cache: KVCache | None,
+        rows: slice,
         slots: torch.Tensor | None,
         kv_len: int,
     ) -> torch.Tensor:
@@ -86,8 +87,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            cache.write(self.layer_idx, slots, k, v)
-            k, v = cache.read(self.layer_idx, kv_len, B)  # (B, nkv, S, hd)
+            cache.write(self.layer_idx, rows, slots, k, v)
+            k, v = cache.read(self.layer_idx, rows, kv_len)  # (B, nkv, S, hd)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
@@ -115,8 +116,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, mask, cache, slots, kv_len) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, slots, kv_len)
+    def forward(self, x, rope, mask, cache, rows, slots, kv_len) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, rows, slots, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -137,15 +138,18 @@ class Qwen2Model(nn.Module):
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,
         kv_len: int = 0,
+        rows: slice | None = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, T, D), position_ids (B, T) -> hidden states (B, T, D).
 
         ``mask`` is a boolean (B, 1, T, S) "may attend" mask over the S keys (the cache's
         first ``kv_len`` columns when a cache is given, else the T inputs); None means
-        plain causal attention. With a cache, new keys are written at ``slots`` (B, T).
+        plain causal attention. With a cache, the batch occupies cache rows ``rows``
+        (default the first B) and its new keys are written at columns ``slots`` (B, T).
         """
+        rows = slice(0, inputs_embeds.shape[0]) if rows is None else rows
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, rope, mask, cache, slots, kv_len)
+            x = layer(x, rope, mask, cache, rows, slots, kv_len)
         return self.norm(x)
