@@ -202,3 +202,65 @@ def save_apple(model, folder: Path) -> Path:
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+# ---- complete checkpoints: weights + processor files, with the real Qwen2 tokenizer --------
+
+
+def shared_assets() -> Path | None:
+    """``shared/assets`` beside the checkout (or $FASTVLM_SHARED_ASSETS), if present."""
+    env = os.environ.get("FASTVLM_SHARED_ASSETS")
+    if env:
+        return Path(env) if Path(env).is_dir() else None
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "shared" / "assets"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def save_hf_processor(folder: Path, image_size: int = IMAGE_SIZE) -> Path:
+    """Write processor files exactly as the transformers FastVLM converter configures them."""
+    from transformers import AddedToken, AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    assets = shared_assets() / "tokenizer-qwen2"
+    template = json.loads((assets / "chat_template.fastvlm-hf.json").read_text())["chat_template"]
+    tokenizer = AutoTokenizer.from_pretrained(str(assets), chat_template=template)
+    tokenizer.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)
+    image_processor = CLIPImageProcessor(
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.0, 0.0, 0.0],
+        image_std=[1.0, 1.0, 1.0],
+        size={"shortest_edge": image_size},
+    )
+    processor = LlavaProcessor(tokenizer=tokenizer, image_processor=image_processor)
+    processor.patch_size = 64
+    processor.save_pretrained(folder)
+    return folder
+
+
+def tiny_checkpoint(folder: Path, *, fmt: str = "fast_vlm", seed: int = 0, fused: bool = True):
+    """A complete tiny checkpoint (real tokenizer, 152000-row vocabulary, 128x128 images).
+
+    Returns (folder, reference model). ``fmt`` is "fast_vlm" or "llava_qwen2".
+    """
+    import shutil
+
+    ref = build_reference(vocab=REAL_VOCAB, seed=seed, fused=fused)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "fast_vlm":
+        save_reference(ref, folder)
+        save_hf_processor(folder)
+        # Instruct checkpoints stop on <|im_end|> as well as <|endoftext|>.
+        (folder / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643})
+        )
+    else:
+        save_apple(ref, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["mm_vision_tower"] = f"mobileclip_l_{IMAGE_SIZE}"
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+            shutil.copy(shared_assets() / "tokenizer-qwen2" / name, folder / name)
+    return folder, ref
