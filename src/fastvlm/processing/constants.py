@@ -1,0 +1,27 @@
+"""Fixed facts about FastVLM inputs that both checkpoint layouts share."""
+
+from __future__ import annotations
+
+# The id that marks an image position in ``input_ids``. The Hugging Face checkpoints
+# have ``<image>`` at this id; Apple's checkpoints mark images with -200, which cannot
+# be embedded, so we use the same (unused) row of their 151936-row table instead. The
+# model never embeds these positions: it overwrites them with image features.
+IMAGE_PLACEHOLDER_ID = 151646
+
+# The text marker a prompt uses for one image before it is expanded to
+# ``num_image_tokens`` placeholder ids.
+IMAGE_TOKEN = "<image>"
+
+# FastViTHD downsamples by 2**6: a 1024x1024 image gives a 16x16 grid of features.
+APPLE_VISION_STRIDE = 64
+
+# Apple's ``conv_qwen_2`` prompt starts with this system turn unless the conversation
+# brings its own.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Images larger than this are refused before decoding (Pillow's own limit is ~89 Mpx).
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+# Remote images: how long to wait and how much to read before giving up.
+DEFAULT_FETCH_TIMEOUT_S = 10.0
+MAX_IMAGE_BYTES = 64 * 1024 * 1024

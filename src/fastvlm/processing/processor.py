@@ -1,0 +1,277 @@
+"""FastVLMProcessor: chat messages with images -> model inputs; generated ids -> text.
+
+For a Hugging Face checkpoint it gives what transformers' LlavaProcessor gives for the
+same conversation; for an Apple checkpoint, what Apple's llava code feeds the model
+(``conv_qwen_2`` prompt, padded-square images), with the -200 image marker replaced by
+``num_image_tokens`` copies of ``image_token_id``. It knows nothing about weights,
+devices or generation: its outputs are CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..checkpoints.formats import Format, detect_format, read_config_json
+from ..checkpoints.hub import resolve_checkpoint
+from ..errors import ContextLengthError, InputError
+from .batch import BatchInputs
+from .chat_template import render_chat_template
+from .constants import DEFAULT_MAX_IMAGE_PIXELS
+from .image_transforms import ImageSettings, preprocess_image
+from .images import ImageLoadOptions, ImageSource, load_rgb_image
+from .messages import ImageRef, ParsedConversation, is_batch, parse_conversation
+from .settings import ProcessorSettings, load_settings
+from .tokenizer import PaddingSide, Qwen2Tokenizer
+
+
+class FastVLMProcessor:
+    """Turns conversations into ``{input_ids, attention_mask, pixel_values}``.
+
+    ``pixel_values`` is float32 (N, 3, H, W) for all images of the batch in order; it is
+    absent when there are no images. Batches are padded on ``tokenizer.padding_side``
+    ("left" by default).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Qwen2Tokenizer,
+        settings: ProcessorSettings,
+        image_options: ImageLoadOptions | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.image_options = image_options or ImageLoadOptions()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        allow_remote_images: bool = True,
+        allow_local_images: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        padding_side: PaddingSide = "left",
+    ) -> FastVLMProcessor:
+        """Load from a checkpoint folder or a hub id (either layout)."""
+        folder = resolve_checkpoint(src, revision=revision)
+        config = read_config_json(folder)
+        fmt = detect_format(config)
+        tokenizer = Qwen2Tokenizer.from_dir(folder, padding_side=padding_side)
+        settings = load_settings(folder, config, fmt, tokenizer)
+        options = ImageLoadOptions(
+            allow_remote=allow_remote_images,
+            allow_local_files=allow_local_images,
+            max_pixels=max_image_pixels,
+        )
+        return cls(tokenizer, settings, options)
+
+    # -- what the model needs to know ------------------------------------------------
+
+    @property
+    def format(self) -> Format:
+        """ "fast_vlm" (Hugging Face layout) or "llava_qwen2" (Apple layout)."""
+        return self.settings.format
+
+    @property
+    def image_token(self) -> str:
+        """The image marker in prompt text, "<image>"."""
+        return self.settings.image_token
+
+    @property
+    def image_token_id(self) -> int:
+        """The placeholder id the model replaces with image features."""
+        return self.settings.image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder ids per image (256 for 1024x1024 images)."""
+        return self.settings.num_image_tokens
+
+    @property
+    def max_length(self) -> int | None:
+        """The model's context length in tokens, None if the checkpoint does not say."""
+        return self.settings.max_length
+
+    @property
+    def chat_template(self) -> str:
+        return self.settings.chat_template
+
+    @property
+    def image_settings(self) -> ImageSettings:
+        return self.settings.image
+
+    # -- conversations ----------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        conversation: Any,
+        *,
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        return_dict: bool = True,
+        return_tensors: str | None = "pt",
+        padding: bool = True,
+        max_new_tokens: int = 0,
+        check_length: bool = True,
+        chat_template: str | None = None,
+    ) -> BatchInputs | torch.Tensor | list | str:
+        """Render one conversation or a list of them; tokenize and load images unless
+        ``tokenize=False`` (then the prompt string, or a list of them, comes back).
+
+        With ``check_length``, a prompt that with ``max_new_tokens`` more tokens would
+        not fit ``max_length`` raises ContextLengthError before any image is decoded.
+        ``return_tensors=None`` gives lists for ids and mask (pixels stay a tensor).
+        A message's content may be a plain string; the reference renders such content
+        as nothing with the FastVLM template, here it is one text part.
+        """
+        batched = is_batch(conversation)
+        conversations = list(conversation) if batched else [conversation]
+        parsed = [
+            parse_conversation(c, f"conversation {i}, " if batched else "")
+            for i, c in enumerate(conversations)
+        ]
+        prompts = [self._render(p, add_generation_prompt, chat_template) for p in parsed]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        images = [ref for p in parsed for ref in p.images]
+        for index, (prompt, conv) in enumerate(zip(prompts, parsed, strict=True)):
+            if prompt.count(self.image_token) != len(conv.images):
+                where = f"conversation {index}: " if batched else ""
+                raise InputError(
+                    f"{where}the conversation has {len(conv.images)} image part(s) but its prompt has "
+                    f"{prompt.count(self.image_token)} {self.image_token!r} marker(s); "
+                    f"remove {self.image_token!r} from the message text"
+                )
+        out = self._build(prompts, images, batched, return_tensors, padding, max_new_tokens, check_length)
+        return out if return_dict else out["input_ids"]
+
+    def __call__(
+        self,
+        images: ImageSource | Sequence[Any] | None = None,
+        text: str | Sequence[str] | None = None,
+        *,
+        return_tensors: str | None = "pt",
+        padding: bool = True,
+        max_new_tokens: int = 0,
+        check_length: bool = True,
+    ) -> BatchInputs:
+        """Like LlavaProcessor: ``text`` holds one ``<image>`` marker per image, in order."""
+        refs = [ImageRef(src, f"image {i}") for i, src in enumerate(_flatten_images(images))]
+        if text is None:
+            if not refs:
+                raise InputError("pass text, images or both")
+            return BatchInputs(pixel_values=self.preprocess_images([r.source for r in refs]))
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(p, str) for p in prompts):
+            raise InputError("text must be a string or a list of strings")
+        markers = sum(p.count(self.image_token) for p in prompts)
+        if markers != len(refs):
+            raise InputError(
+                f"the text has {markers} {self.image_token!r} marker(s) but {len(refs)} image(s) were given; "
+                "put one marker per image"
+            )
+        batched = not isinstance(text, str)
+        return self._build(prompts, refs, batched, return_tensors, padding, max_new_tokens, check_length)
+
+    # -- the pieces, usable on their own -----------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a rendered prompt, each image marker expanded to
+        ``num_image_tokens`` copies of ``image_token_id``."""
+        chunks = prompt.split(self.image_token)
+        # Encoding the pieces between markers separately equals encoding the whole
+        # prompt with <image> as a special token (added tokens split the text the same
+        # way), and it also works for Apple tokenizers that lack <image>.
+        ids = self.tokenizer.encode(chunks[0], add_special_tokens=False)
+        for chunk in chunks[1:]:
+            ids += [self.image_token_id] * self.num_image_tokens
+            ids += self.tokenizer.encode(chunk, add_special_tokens=False)
+        return ids
+
+    def preprocess_images(self, images: Sequence[ImageSource]) -> torch.Tensor:
+        """Images (any supported source) -> float32 tensor (N, 3, H, W)."""
+        refs = [ImageRef(src, f"image {i}") for i, src in enumerate(images)]
+        return self._pixels(refs)
+
+    def check_length(self, num_tokens: int, max_new_tokens: int = 0, where: str = "") -> None:
+        """Raise ContextLengthError if ``num_tokens + max_new_tokens`` exceeds the context."""
+        limit = self.max_length
+        if limit is None or num_tokens + max_new_tokens <= limit:
+            return
+        extra = f" plus {max_new_tokens} new tokens" if max_new_tokens else ""
+        raise ContextLengthError(
+            f"{where}the prompt is {num_tokens} tokens{extra}, over the model's context of {limit} tokens; "
+            "shorten the conversation, send fewer images or ask for fewer new tokens"
+        )
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _render(self, parsed: ParsedConversation, add_generation_prompt: bool, template: str | None) -> str:
+        return render_chat_template(
+            template or self.chat_template,
+            parsed.messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.tokenizer.special_tokens_map,
+        )
+
+    def _build(
+        self,
+        prompts: list[str],
+        refs: list[ImageRef],
+        batched: bool,
+        return_tensors: str | None,
+        padding: bool,
+        max_new_tokens: int,
+        check_length: bool,
+    ) -> BatchInputs:
+        sequences = [self.encode_prompt(p) for p in prompts]
+        if check_length:
+            for index, ids in enumerate(sequences):
+                self.check_length(len(ids), max_new_tokens, f"conversation {index}: " if batched else "")
+        input_ids, attention_mask = self.tokenizer.pad(
+            sequences, return_tensors=return_tensors, padding=padding
+        )
+        out = BatchInputs(input_ids=input_ids, attention_mask=attention_mask)
+        if refs:
+            out["pixel_values"] = self._pixels(refs)
+        return out
+
+    def _pixels(self, refs: list[ImageRef]) -> torch.Tensor:
+        tensors = []
+        for ref in refs:
+            if ref.source is None:
+                raise InputError(
+                    f"{ref.where}: the image part has no 'image', 'url', 'path' or 'base64' value"
+                )
+            image = load_rgb_image(ref.source, self.image_options, self.settings.rgb_rules, ref.where)
+            tensors.append(preprocess_image(image, self.settings.image))
+        if not tensors:
+            height, width = self.settings.image.output_size
+            return torch.empty(0, 3, height, width)
+        return torch.stack(tensors)  # (N, 3, H, W)
+
+    def __repr__(self) -> str:
+        return (
+            f"FastVLMProcessor(format={self.format!r}, image_token_id={self.image_token_id}, "
+            f"num_image_tokens={self.num_image_tokens}, max_length={self.max_length}, "
+            f"image_size={self.settings.image.output_size})"
+        )
+
+
+def _flatten_images(images: Any) -> list[Any]:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return [leaf for item in images for leaf in _flatten_images(item)]
+    return [images]
