@@ -1,8 +1,8 @@
 """Load a checkpoint of either format into a ``FastVLM``.
 
-The model is built on the meta device and each tensor is read (memory-mapped),
-converted and placed on the target device one at a time, so a second full copy of
-the weights never exists in memory.
+The model is built on the meta device and each tensor is read, converted and placed
+on the target device one at a time, so a second full copy of the weights never
+exists in memory.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from .formats import APPLE_FORMAT, read_config_json
 from .fusion import LazyState, fuse_vision_state
 from .hub import resolve_checkpoint
 from .keymap import apple_network_table, apple_to_hf, hf_to_ours
+from .safetensors_io import SafetensorsReader
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -48,27 +49,21 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} has no model.safetensors (or pytorch_model.bin); nothing to load")
 
 
-def _open_lazy(files: list[Path], stack: ExitStack) -> LazyState:
-    from safetensors import safe_open
-
+def _open_lazy(files: list[Path]) -> LazyState:
     state: LazyState = {}
     for path in files:
+        if path.suffix == ".safetensors":
+            reader = SafetensorsReader(path)
+            for key in reader.keys():
+                state[key] = partial(reader.read, key)
+            continue
         try:
-            if path.suffix == ".safetensors":
-                handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-                for key in handle.keys():
-                    state[key] = lambda h=handle, k=key: h.get_tensor(k)
-            else:
-                # Never unpickle arbitrary objects: tensors only.
-                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                for key, value in tensors.items():
-                    state[key] = lambda v=value: v
-        except CheckpointError:
-            raise
-        except Exception as exc:  # corrupt or truncated file
-            raise CheckpointError(
-                f"cannot read weights from {path} ({exc}); re-download the checkpoint"
-            ) from exc
+            # Never unpickle arbitrary objects: tensors only.
+            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # corrupt, truncated, or not a plain state dict
+            raise CheckpointError(f"cannot read weights from {path} ({exc}); re-download it") from exc
+        for key, value in tensors.items():
+            state[key] = partial(lambda v: v, value)
     return state
 
 
@@ -148,6 +143,19 @@ def _apply_generation_config(config: FastVLMConfig, folder: Path) -> None:
         config.pad_token_id = gen["pad_token_id"]
 
 
+def model_from_state_dict(config: FastVLMConfig, state_dict: dict, *, dtype=None, device=None):
+    """Build a model from an in-memory state dict in either format's key names."""
+    from ..models.fastvlm import FastVLM
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    with torch.device("meta"):
+        model = FastVLM(config)
+    lazy = {k: (lambda v=v: v) for k, v in state_dict.items()}
+    load_state(model, fuse_vision_state(_rename(lazy, config)), dt, dev, progress=False)
+    return model.eval()
+
+
 def load_model(
     src: str | os.PathLike, *, dtype=None, device=None, revision: str | None = None, progress: bool = True
 ):
@@ -160,9 +168,8 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     with torch.device("meta"):
         model = FastVLM(config)
-    with ExitStack() as stack:
-        state = fuse_vision_state(_rename(_open_lazy(weight_files(folder), stack), config))
-        load_state(model, state, dt, dev, progress)
+    state = fuse_vision_state(_rename(_open_lazy(weight_files(folder)), config))
+    load_state(model, state, dt, dev, progress)
     model.eval()
     model.source = str(folder)
     return model

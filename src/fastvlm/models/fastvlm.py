@@ -52,6 +52,9 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class FastVLM(nn.Module):
+    # Set by models.optimize: feed the vision tower NHWC pixels.
+    vision_channels_last: bool = False
+
     def __init__(self, config: FastVLMConfig) -> None:
         super().__init__()
         self.config = config
@@ -78,17 +81,20 @@ class FastVLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.language_model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.language_model.embed_tokens.weight.dtype
 
     # -- pieces ------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels -> (B, N, H) projected features, N = (S/64)^2."""
-        dtype = self.projector.linear_1.weight.dtype
-        fmap = self.vision_tower(pixel_values.to(self.device, dtype))  # (B, C, h, w)
+        dtype = self.vision_tower.stem[0].reparam_conv.weight.dtype
+        pixels = pixel_values.to(self.device, dtype)
+        if self.vision_channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        fmap = self.vision_tower(pixels)  # (B, C, h, w)
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major over the map
         return self.projector(tokens)
 

@@ -1,0 +1,60 @@
+"""Every fast path against the plain model it was made from."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import builders
+from fastvlm import FastVLM
+from fastvlm.models.optimize import SpeedOptions, optimize
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    ref = builders.build_reference(seed=11)
+    folder = builders.save_reference(ref, tmp_path_factory.mktemp("opt"))
+    return FastVLM.from_pretrained(folder, dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(3)
+    px = torch.rand(1, 3, builders.IMAGE_SIZE, builders.IMAGE_SIZE, generator=g)
+    ids = torch.randint(3, 900, (1, 12), generator=g)
+    ids[0, 2:6] = builders.SMALL_IMAGE_TOKEN_ID
+    return ids, px
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def test_fused_projections_and_channels_last_equal_plain(plain, inputs):
+    ids, px = inputs
+    fast = optimize(copy.deepcopy(plain), SpeedOptions(fuse_projections=True, channels_last=True))
+    assert hasattr(fast.language_model.layers[0].self_attn, "qkv_proj")
+    assert _rel(fast.get_image_features(px), plain.get_image_features(px)) <= 1e-5
+    assert _rel(fast(ids, pixel_values=px).logits, plain(ids, pixel_values=px).logits) <= 1e-5
+    kwargs = {"input_ids": ids, "pixel_values": px, "max_new_tokens": 10}
+    assert fast.generate(**kwargs).tolist() == plain.generate(**kwargs).tolist()
+
+
+def test_all_switches_off_is_identity(plain, inputs):
+    ids, px = inputs
+    same = optimize(copy.deepcopy(plain), SpeedOptions(False, False, False))
+    assert torch.equal(same(ids, pixel_values=px).logits, plain(ids, pixel_values=px).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_weights_stay_close(plain, inputs, dtype):
+    ids, px = inputs
+    base = copy.deepcopy(plain).to(dtype)
+    quant = optimize(copy.deepcopy(base), SpeedOptions(int8=True))
+    assert quant.lm_head.qweight.dtype == torch.int8
+    # Weight-only int8 with per-channel scales: a few percent of the logit range at most.
+    assert _rel(quant(ids, pixel_values=px).logits, base(ids, pixel_values=px).logits) <= 0.05
