@@ -107,7 +107,7 @@ class Int8Linear(nn.Module):
 def quantize_int8(model) -> None:
     """Swap the decoder's, LM head's and projector's linears for ``Int8Linear``."""
     for root in (model.language_model, model.projector):
-        for name, module in list(root.named_modules()):
+        for module in list(root.modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(module, child_name, Int8Linear(child))
