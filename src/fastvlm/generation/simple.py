@@ -109,7 +109,7 @@ class _CachedDecoder:
         slot = torch.full((B, 1), self.length, device=new.device)
         self.length += 1
         keys = mask.bool()[:, None, None, :]  # (B, 1, 1, S): the new token sees every real key
-        hidden = self.model.language_model(
-            self.model.embed(new[:, None]), self.positions, keys, self.cache, slot, self.length
-        )
+        # Not model.embed: a generated id may equal the image placeholder id.
+        embeds = self.model.language_model.embed_tokens(new[:, None])  # (B, 1, D)
+        hidden = self.model.language_model(embeds, self.positions, keys, self.cache, slot, self.length)
         return self.model.logits(hidden[:, -1])
