@@ -79,8 +79,8 @@ class Int8Linear(nn.Module):
     """y = x @ (q * s)^T + b with q int8 (out, in) and one scale per output channel.
 
     Decoding is bound by reading weights, so halving their bytes nearly doubles
-    tokens/s. The packed kernel needs bf16/fp16 activations on CPU; elsewhere the
-    eager fallback dequantises on the fly (correct, not faster).
+    tokens/s. The packed kernel is used for bf16/fp16 activations on CPU; elsewhere
+    the eager fallback dequantises on the fly (correct, not faster).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -95,7 +95,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, in)
-        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type in ("cpu", "cuda"):
+        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
         else:
             y = F.linear(x2, self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
