@@ -15,3 +15,27 @@ __all__ = [
     "ContextLengthError",
 ]
 __version__ = "0.1.0"
+
+# The high-level API and the types it returns.
+from .api import VLM, load  # noqa: E402
+from .generation.engine import (  # noqa: E402
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    StreamEvent,
+    Timings,
+    Usage,
+)
+
+__all__ += [
+    "load",
+    "VLM",
+    "Engine",
+    "GenerationRequest",
+    "GenerationResult",
+    "SamplingParams",
+    "StreamEvent",
+    "Timings",
+    "Usage",
+]

@@ -78,3 +78,22 @@ def sample_next(
         return int(logits.argmax())
     probs = filter_logits(logits, p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    seen: list[torch.Tensor | None],
+) -> list[int]:
+    """One token per row of (B, V) logits, each row with its own settings.
+
+    Rows that are greedy without a repetition penalty share one batched argmax, so an
+    all-greedy batch costs one device sync. Every other row goes through
+    ``sample_next``, which makes a row's token independent of its batch neighbours.
+    """
+    picked = logits.argmax(-1).tolist()  # (B,)
+    for b, p in enumerate(params):
+        if not p.greedy or (p.repetition_penalty != 1.0 and seen[b] is not None):
+            picked[b] = sample_next(logits[b], p, generators[b], seen[b])
+    return picked

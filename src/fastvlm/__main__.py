@@ -1,0 +1,7 @@
+"""``python -m fastvlm``: the same as the ``fastvlm`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

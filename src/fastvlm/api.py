@@ -1,0 +1,210 @@
+"""The high-level API: ``fastvlm.load()`` gives an object that answers questions about images.
+
+    vlm = fastvlm.load()                      # apple/FastVLM-0.5B, best device and dtype
+    vlm.ask("photo.jpg", "What is shown?")    # -> str
+    vlm.chat(messages, temperature=0.7)       # -> GenerationResult (text, finish_reason, usage, timings)
+    fastvlm.api.describe_checkpoint(path)     # -> dict, from config.json and weight headers only
+
+This layer only turns keyword options into engine requests and back; batching,
+streaming and stopping live in ``fastvlm.generation``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .errors import CheckpointError, InputError
+from .generation.engine import Engine, GenerationRequest, GenerationResult, StreamEvent
+from .generation.sampling import SamplingParams
+from .models.optimize import SpeedOptions, optimize
+
+DEFAULT_MODEL = "apple/FastVLM-0.5B"
+
+_SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+_REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids")
+GENERATION_OPTIONS = _SAMPLING_OPTIONS + _REQUEST_OPTIONS
+
+
+def build_request(messages: list[dict], **options: Any) -> GenerationRequest:
+    """A ``GenerationRequest`` from chat messages and keyword options (see GENERATION_OPTIONS)."""
+    unknown = sorted(set(options) - set(GENERATION_OPTIONS))
+    if unknown:
+        raise InputError(f"unknown option {unknown[0]!r}; use one of: {', '.join(GENERATION_OPTIONS)}")
+    sampling = {k: options[k] for k in _SAMPLING_OPTIONS if options.get(k) is not None}
+    for name, value in sampling.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{name} must be a number, not {type(value).__name__}")
+    if "top_k" in sampling and sampling["top_k"] != int(sampling["top_k"]):
+        raise InputError(f"top_k must be an integer, got {sampling['top_k']}")
+    if "top_k" in sampling:
+        sampling["top_k"] = int(sampling["top_k"])
+    if "seed" in sampling:
+        sampling["seed"] = int(sampling["seed"])
+    request = {k: options[k] for k in _REQUEST_OPTIONS if options.get(k) is not None}
+    return GenerationRequest(messages=messages, sampling=SamplingParams(**sampling), **request)
+
+
+def image_message(image: Any, prompt: str) -> list[dict]:
+    """One user turn: the image(s) first, then the prompt (how FastVLM was trained)."""
+    if not isinstance(prompt, str):
+        raise InputError(f"the prompt must be a string, not {type(prompt).__name__}")
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    parts = [{"type": "image", "image": im} for im in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+
+
+class VLM:
+    """A loaded model, its processor and a batching engine, behind three methods."""
+
+    def __init__(self, model, processor, engine: Engine) -> None:
+        self.model, self.processor, self.engine = model, processor, engine
+
+    def ask(self, image: Any = None, prompt: str | None = None, *, stream: bool = False, **options: Any):
+        """Answer ``prompt`` about ``image`` (path, URL, PIL image, bytes, base64, a list, or None).
+
+        Returns the answer, or with ``stream=True`` an iterator of text pieces.
+        """
+        if prompt is None:
+            raise InputError("ask(image, prompt) needs a prompt; for text only call ask(None, prompt)")
+        request = build_request(image_message(image, prompt), **options)
+        if stream:
+            return self.engine.stream(request)
+        return self.engine.generate([request])[0].text
+
+    def chat(
+        self, messages: list[dict], *, stream: bool = False, **options: Any
+    ) -> GenerationResult | Iterator[StreamEvent]:
+        """Continue a conversation. With ``stream=True``: events, the last holding the result."""
+        request = build_request(messages, **options)
+        if stream:
+            return self.engine.stream_events(request)
+        return self.engine.generate([request])[0]
+
+    def batch(self, conversations: list[Any], **options: Any) -> list[GenerationResult]:
+        """Run several conversations together. Each item is a list of messages, or a dict
+        ``{"messages": [...], **options}`` whose options override the shared ``options``."""
+        requests = []
+        for index, item in enumerate(conversations):
+            if isinstance(item, Mapping):
+                if "messages" not in item:
+                    raise InputError(f"batch item {index} is a dict without 'messages'")
+                extra = {k: v for k, v in item.items() if k != "messages"}
+                requests.append(build_request(item["messages"], **{**options, **extra}))
+            else:
+                requests.append(build_request(item, **options))
+        return self.engine.generate(requests)
+
+    def __repr__(self) -> str:
+        return (
+            f"VLM(source={getattr(self.model, 'source', None)!r}, device={self.model.device}, "
+            f"dtype={self.model.dtype}, max_batch={self.engine.max_batch})"
+        )
+
+
+def load(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
+    max_batch: int = 8,
+    max_seq_len: int | None = None,
+    feature_cache_size: int = 32,
+    revision: str | None = None,
+    progress: bool = True,
+    speed: SpeedOptions | None = None,
+) -> VLM:
+    """Load a checkpoint (local folder or hub id, either format) ready to answer questions.
+
+    ``device``/``dtype`` "auto" pick CUDA bf16, MPS fp16, or CPU (bf16 where the CPU has
+    native bf16, else fp32). ``speed`` picks the fast paths (default ``SpeedOptions()``:
+    fused projections and channels-last vision; ``SpeedOptions(int8=True)`` adds int8
+    weights; ``SpeedOptions(False, False, False)`` keeps the plain reference modules).
+    Raises CheckpointError (one line) if it cannot be loaded.
+    """
+    from .models.fastvlm import FastVLM
+    from .processing import FastVLMProcessor
+
+    net = FastVLM.from_pretrained(model, dtype=dtype, device=device, revision=revision, progress=progress)
+    optimize(net, SpeedOptions() if speed is None else speed)
+    processor = FastVLMProcessor.from_pretrained(net.source)
+    engine = Engine(
+        net, processor, max_batch=max_batch, max_seq_len=max_seq_len, feature_cache_size=feature_cache_size
+    )
+    return VLM(net, processor, engine)
+
+
+def describe_checkpoint(src: str) -> dict[str, Any]:
+    """Architecture from config.json and weight statistics from safetensors headers.
+
+    Only the JSON headers of the weight files are read, never the weights, so this is
+    instant even for large checkpoints. A hub id is downloaded first (see ``resolve_checkpoint``).
+    """
+    from .checkpoints.formats import read_config_json
+    from .checkpoints.hub import resolve_checkpoint
+    from .checkpoints.loader import _apply_generation_config, weight_files
+    from .config import FastVLMConfig
+    from .processing import FastVLMProcessor
+
+    folder = resolve_checkpoint(src)
+    config = FastVLMConfig.from_dict(read_config_json(folder))
+    _apply_generation_config(config, folder)
+    # The processor's settings, not the tower's nominal size, decide the image size used.
+    processor = FastVLMProcessor.from_pretrained(folder)
+    height, width = processor.image_settings.output_size
+    text_keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    text_keys += ("head_dim", "intermediate_size", "vocab_size", "max_position_embeddings")
+    vision_keys = ("num_features", "embed_dims", "layers")
+    return {
+        "source": str(folder),
+        "format": config.format,
+        "text": {k: getattr(config.text, k) for k in text_keys},
+        "vision": {
+            "image_size": [height, width],
+            "num_image_tokens": processor.num_image_tokens,
+            **{k: list(v) if isinstance(v := getattr(config.vision, k), tuple) else v for k in vision_keys},
+        },
+        "image_token_id": config.image_token_id,
+        "eos_token_id": config.eos_token_id,
+        "weights": _weight_stats(weight_files(folder)),
+    }
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+_SAFETENSORS_DTYPES.update({"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I8": "int8"})
+
+
+def _weight_stats(files) -> dict[str, Any]:
+    params_by_dtype: dict[str, int] = {}
+    total_bytes = 0
+    for path in files:
+        total_bytes += path.stat().st_size
+        if path.suffix != ".safetensors":
+            continue  # a pickle cannot be inspected without loading it
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size < 1 << 28:
+                    raise ValueError(f"header size {size}")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); re-download it") from exc
+        header.pop("__metadata__", None)
+        for entry in header.values():
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:  # integer buffers (BatchNorm counters) are not parameters
+                continue
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            params_by_dtype[dtype] = params_by_dtype.get(dtype, 0) + count
+    ranked = sorted(params_by_dtype, key=params_by_dtype.get, reverse=True)
+    return {
+        "dtype": ", ".join(ranked) if ranked else "unknown",  # the most common first
+        "parameters": sum(params_by_dtype.values()),
+        "parameters_by_dtype": params_by_dtype,
+        "files": len(files),
+        "bytes": total_bytes,
+    }

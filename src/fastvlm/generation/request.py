@@ -1,0 +1,101 @@
+"""What goes into the engine and what comes out: requests, results and stream events.
+
+Plain data only. Nothing here touches tensors, the model or the tokenizer, so the
+server can build and read these without knowing how generation works.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import InputError
+from .sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class GenerationRequest:
+    """One conversation to continue.
+
+    ``messages`` are chat messages as the processor takes them (content is a string or
+    a list of text/image parts). ``stop_token_ids=None`` means the checkpoint's
+    end-of-sequence ids plus ``<|im_end|>`` and ``<|endoftext|>``.
+    """
+
+    messages: list[dict]
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None
+    request_id: str = field(default_factory=_new_request_id)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise InputError(f"max_new_tokens must be an integer, not {type(self.max_new_tokens).__name__}")
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.sampling, SamplingParams):
+            raise InputError("sampling must be a SamplingParams")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if not all(isinstance(s, str) for s in self.stop):
+            raise InputError("stop must be a string or a list of strings")
+        self.stop = [s for s in self.stop if s]  # an empty stop string would match at once
+        if self.stop_token_ids is not None:
+            ids = list(self.stop_token_ids)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise InputError("stop_token_ids must be a list of integers")
+            self.stop_token_ids = ids
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise InputError("request_id must be a non-empty string")
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass
+class Timings:
+    """Seconds, measured on the engine's clock (``time.perf_counter``).
+
+    ``queue_s``: add_request -> admission (prefill start). ``ttft_s``: admission -> first
+    token, i.e. image encoding plus prefill. ``decode_tokens_per_s``: tokens after the
+    first divided by the time after the first (prefill excluded; 0 with one token).
+    ``total_s``: add_request -> finished.
+    """
+
+    queue_s: float
+    ttft_s: float
+    decode_tokens_per_s: float
+    total_s: float
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: list[int]  # generated ids; a stop token id is not included
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+@dataclass
+class StreamEvent:
+    """New text of one request since its last event (complete UTF-8; may be "")."""
+
+    request_id: str
+    text: str
+    finished: bool = False
+    result: GenerationResult | None = None  # set when finished

@@ -1,0 +1,108 @@
+"""One request's life inside the engine: prompt, cache row, generated ids, finish state.
+
+A ``Sequence`` decides when it is done (stop id, stop string, token budget) and turns
+its ids into safe text, but never touches the model: the runner moves tensors, the
+engine moves sequences between the waiting queue and cache rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenize import TextStream
+from .request import FinishReason, GenerationRequest, GenerationResult, Timings, Usage
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    prompt_ids: torch.Tensor  # (T,) int64 on CPU, image placeholders expanded
+    pixels: torch.Tensor | None  # (n_images, 3, S, S) float32 on CPU, in prompt order
+    image_keys: list[str]  # feature-cache key of each image
+    stop_ids: frozenset[int]
+    text: TextStream
+    generator: torch.Generator | None = None
+    # Prompt + generated ids on the model device, only when a repetition penalty needs them.
+    history: torch.Tensor | None = None
+    added_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    row: int = -1  # cache row while running
+    length: int = 0  # columns of the row filled with this sequence's keys
+    output_ids: list[int] = field(default_factory=list)
+    num_generated: int = 0  # includes a final stop id, which output_ids leave out
+    finish_reason: FinishReason | None = None
+    cancel_requested: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+    def seen(self) -> torch.Tensor | None:
+        """Ids the repetition penalty looks at (prompt and generated), or None."""
+        if self.history is None:
+            return None
+        return self.history[: self.num_prompt_tokens + self.num_generated]
+
+    def accept(self, token: int, now: float) -> str:
+        """Record a generated token; return the text it makes safe to show."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+        if self.history is not None:
+            self.history[self.num_prompt_tokens + self.num_generated] = token
+        self.num_generated += 1
+        if token in self.stop_ids:
+            return self.finish("stop", now)
+        self.output_ids.append(token)
+        piece = self.text.push(token)
+        if self.text.stopped:
+            return piece + self.finish("stop", now)
+        if self.num_generated >= self.request.max_new_tokens:
+            return piece + self.finish("length", now)
+        return piece
+
+    def finish(self, reason: FinishReason, now: float) -> str:
+        """Mark done; return text that was held back and may now be shown."""
+        self.finish_reason = reason
+        self.finished_at = now
+        return self.text.finish()
+
+    def result(self) -> GenerationResult:
+        end = self.finished_at if self.finished_at is not None else time.perf_counter()
+        admitted = self.admitted_at if self.admitted_at is not None else end
+        first = self.first_token_at if self.first_token_at is not None else end
+        after_first = self.num_generated - 1
+        decode_s = end - first
+        return GenerationResult(
+            request_id=self.request_id,
+            text=self.text.text,
+            token_ids=list(self.output_ids),
+            finish_reason=self.finish_reason or "cancelled",
+            usage=Usage(
+                prompt_tokens=self.num_prompt_tokens,
+                completion_tokens=self.num_generated,
+                total_tokens=self.num_prompt_tokens + self.num_generated,
+            ),
+            timings=Timings(
+                queue_s=admitted - self.added_at,
+                ttft_s=first - admitted if self.first_token_at is not None else 0.0,
+                decode_tokens_per_s=after_first / decode_s if after_first > 0 and decode_s > 0 else 0.0,
+                total_s=end - self.added_at,
+            ),
+        )

@@ -1,0 +1,142 @@
+"""The ``fastvlm`` command end to end (subprocesses) and its error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import builders
+from fastvlm import cli
+
+IMAGE = str(builders.shared_assets() / "images" / "waterview.jpg")
+CPU = ["--dtype", "float32", "--device", "cpu"]
+
+
+def tiny_folder(tmp_path_factory) -> Path:
+    """One tiny checkpoint per test session, shared by the engine, API and CLI tests."""
+    folder = tmp_path_factory.getbasetemp() / "tiny_fast_vlm"
+    if not (folder / ".complete").exists():
+        builders.tiny_checkpoint(folder)
+        (folder / ".complete").touch()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return str(tiny_folder(tmp_path_factory))
+
+
+def fastvlm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "fastvlm", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_run_streams_and_json_agrees(tiny):
+    streamed = fastvlm("run", IMAGE, "What is this?", "--model", tiny, "--max-new-tokens", "5", *CPU)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.endswith("\n") and streamed.stdout.strip()
+    as_json = fastvlm("run", IMAGE, "What is this?", "--model", tiny, "--max-new-tokens", "5", *CPU, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    out = json.loads(as_json.stdout)
+    assert {"text", "finish_reason", "usage", "timings"} <= set(out)
+    assert out["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 5
+    assert out["text"] == streamed.stdout[:-1]
+
+
+def test_chat_reads_turns_and_commands_from_stdin(tiny):
+    turns = f"Hello!\n/image {IMAGE}\nWhat is in it?\n/reset\n\nAgain.\n/exit\nnot read\n"
+    proc = fastvlm("chat", "--model", tiny, "--max-new-tokens", "3", *CPU, stdin=turns)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 3  # one answer per question; commands print nothing
+
+
+def test_info_reads_headers_only(tiny, capsys):
+    proc = fastvlm("info", tiny, "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["format"] == "fast_vlm"
+    assert info["vision"]["image_size"] == [128, 128] and info["vision"]["num_image_tokens"] == 4
+    assert info["text"]["hidden_size"] == 64 and info["text"]["vocab_size"] == 152000
+    assert info["weights"]["dtype"] == "float32" and info["weights"]["parameters"] > 152000 * 64
+    assert cli.main(["info", tiny]) == 0
+    assert "fast_vlm" in capsys.readouterr().out
+
+
+def test_error_paths_are_one_line(tiny, tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("just text")
+    cases = [
+        (["run", str(tmp_path / "missing.jpg"), "Hi", "--model", tiny], ["missing.jpg"]),
+        (["run", str(not_image), "Hi", "--model", tiny], ["cannot decode"]),
+        (["run", IMAGE, "Hi", "--model", tiny, "--bogus"], ["--bogus", "fastvlm run --help"]),
+    ]
+    for args, needles in cases:
+        assert_one_line_error(fastvlm(*args), *needles)
+
+
+def test_more_error_paths_in_process(tiny, tmp_path, capsys):
+    cases = [
+        (["run", IMAGE, "Hi", "--model", str(tmp_path)], ["config.json"]),
+        (["run", "none", "Hi", "--model", tiny, "--max-new-tokens", "100000", *CPU], ["context"]),
+        (["run", IMAGE, "Hi", "--model", tiny, "--temperature", "-1"], ["temperature"]),
+        (["info", str(tmp_path / "nothing")], ["nothing"]),
+        (["frobnicate"], ["frobnicate"]),
+        ([], ["COMMAND"]),
+    ]
+    for args, needles in cases:
+        status = cli.main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and err[0].startswith("error: "), (args, err)
+        assert all(n in err[0] for n in needles), (args, err)
+
+
+def test_default_model_offline_says_how_to_use_a_local_copy(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastvlm", "run", IMAGE, "Hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert_one_line_error(proc, "--model /path/to/local/checkpoint")
+
+
+def test_missing_delegated_command_fails_alone(monkeypatch, capsys):
+    monkeypatch.setitem(cli._DELEGATED, "serve", ("fastvlm.no_such_module", "serve"))
+    assert cli.main(["serve", "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "serve" in err[0] and "unavailable" in err[0]
+    with pytest.raises(SystemExit) as info:  # the other commands are unaffected
+        cli.main(["run", "--help"])
+    assert info.value.code == 0
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert cli.main(["info", "anything"]) == 130
+    assert capsys.readouterr().err == ""
