@@ -1,0 +1,140 @@
+"""``POST /v1/chat/completions``: submit to the worker, then answer in one body or as SSE.
+
+The handler waits for the worker's verdict on the request (accepted, or refused with
+the engine's one-line reason) before it sends a status line, so a bad request gets a
+4xx even with ``stream: true``. A client that leaves cancels its request: the worker
+frees the slot at the next engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..errors import FastVLMError
+from .errors import APIError, from_input_error
+from .responses import DONE, Completion, finish_reason, sse
+from .schemas import ChatCompletionRequest
+from .translate import Policy, to_generation_request
+from .worker import EngineWorker, Failed, QueueFull, Rejected, Ticket
+
+DISCONNECT_POLL_S = 1.0
+CLIENT_CLOSED = 499  # nginx's code for a request whose client left; never actually seen by it
+
+
+@dataclass
+class ServerState:
+    worker: EngineWorker
+    policy: Policy
+    http: httpx.AsyncClient | None = None
+
+
+async def chat_completion(request: Request, body: ChatCompletionRequest, state: ServerState) -> Response:
+    if state.worker.full:  # refuse before spending time on images; submit checks again
+        raise _busy()
+    generation = await to_generation_request(body, state.policy, state.http)
+    fit_budget = body.requested_max_tokens()[0] is None
+    try:
+        ticket = state.worker.submit(generation, asyncio.get_running_loop(), fit_budget=fit_budget)
+    except QueueFull:
+        raise _busy() from None
+    try:
+        verdict = await ticket.get()
+    except asyncio.CancelledError:
+        state.worker.cancel(ticket)
+        raise
+    if isinstance(verdict, Rejected):
+        raise _refusal(verdict.error)
+    if isinstance(verdict, Failed):
+        raise APIError(503, verdict.message, code="engine_error", headers={"Retry-After": "1"})
+    completion = Completion(model=state.policy.served_model_name)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _stream(ticket, completion, include_usage)
+        return EventStream(events, on_close=lambda: state.worker.cancel(ticket))
+    return await _collect(request, ticket, completion, state.worker)
+
+
+def _busy() -> APIError:
+    return APIError(
+        429, "The server is at capacity; retry shortly.", code="queue_full", headers={"Retry-After": "1"}
+    )
+
+
+def _refusal(error: Exception) -> APIError:
+    if isinstance(error, FastVLMError):
+        return from_input_error(error)
+    return APIError(
+        400, f"The request could not be processed ({type(error).__name__}).", code="invalid_request"
+    )
+
+
+async def _collect(
+    request: Request, ticket: Ticket, completion: Completion, worker: EngineWorker
+) -> Response:
+    """Wait for the final event, cancelling the request if the client hangs up meanwhile."""
+    pending = asyncio.ensure_future(_final(ticket))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                worker.cancel(ticket)
+                return Response(status_code=CLIENT_CLOSED)
+    finally:
+        if not pending.done():
+            pending.cancel()
+    item = pending.result()
+    if isinstance(item, Failed):
+        raise APIError(503, item.message, code="engine_error", headers={"Retry-After": "1"})
+    return JSONResponse(completion.body(item.result))
+
+
+async def _final(ticket: Ticket):
+    while True:
+        item = await ticket.get()
+        if isinstance(item, Failed) or item.finished:
+            return item
+
+
+async def _stream(ticket: Ticket, completion: Completion, include_usage: bool) -> AsyncIterator[bytes]:
+    yield sse(completion.chunk({"role": "assistant", "content": ""}, with_usage=include_usage))
+    while True:
+        item = await ticket.get()
+        if isinstance(item, Failed):
+            yield sse(APIError(503, item.message, code="engine_error").body())
+            break
+        if item.text:
+            yield sse(completion.chunk({"content": item.text}, with_usage=include_usage))
+        if item.finished:
+            reason = finish_reason(item.result.finish_reason)
+            yield sse(completion.chunk({}, reason, with_usage=include_usage))
+            if include_usage:
+                yield sse(completion.usage_chunk(item.result))
+            break
+    yield DONE
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that run ``on_close`` however the response ends.
+
+    Starlette stops iterating when the client disconnects (or a send fails); the
+    callback is what tells the worker, so the request's batch slot is freed.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()

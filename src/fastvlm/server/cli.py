@@ -1,0 +1,127 @@
+"""``fastvlm serve``: load a checkpoint, wrap it in an Engine and run the app under uvicorn.
+
+``fastvlm.cli`` calls ``add_arguments`` and ``run``; ``python -m fastvlm.server.cli``
+works on its own too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "apple/FastVLM-0.5B"
+log = logging.getLogger("fastvlm.server")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id (either layout)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("FASTVLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $FASTVLM_API_KEY)",
+    )
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    parser.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting beyond the batch; then 429"
+    )
+    parser.add_argument("--allow-remote-images", action="store_true", help="let image_url be http(s)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    parser.add_argument("--served-model-name", default=None, help="the name clients pass as 'model'")
+    parser.add_argument(
+        "--max-seq-len", type=int, default=None, help="cache length per request (prompt + new)"
+    )
+    parser.add_argument(
+        "--default-max-tokens", type=int, default=512, help="when a request sets no max_tokens"
+    )
+    parser.add_argument("--feature-cache-size", type=int, default=32, help="image features kept for reuse")
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted. Bad options or checkpoints raise FastVLMError (one line)."""
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    check_arguments(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("binding to %s without --api-key: anyone who can reach it can use the model", args.host)
+    app = build_app(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    from ..errors import InputError
+
+    checks = [
+        (0 <= args.port <= 65535, f"--port must be 0-65535, got {args.port}"),
+        (args.max_batch >= 1, f"--max-batch must be >= 1, got {args.max_batch}"),
+        (args.max_queue >= 0, f"--max-queue must be >= 0, got {args.max_queue}"),
+        (args.default_max_tokens >= 1, f"--default-max-tokens must be >= 1, got {args.default_max_tokens}"),
+        (
+            args.max_seq_len is None or args.max_seq_len >= 2,
+            f"--max-seq-len must be >= 2, got {args.max_seq_len}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+
+
+def build_app(args: argparse.Namespace):
+    from .. import FastVLM
+    from ..generation.engine import Engine
+    from ..processing import FastVLMProcessor
+    from .app import create_app
+
+    log.info("loading %s", args.model)
+    model = FastVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    # The server checks and decodes image URLs itself; the processor reads nothing else.
+    processor = FastVLMProcessor.from_pretrained(
+        args.model, allow_remote_images=False, allow_local_images=False
+    )
+    engine = Engine(
+        model,
+        processor,
+        max_batch=args.max_batch,
+        max_seq_len=args.max_seq_len,
+        feature_cache_size=args.feature_cache_size,
+    )
+    return create_app(
+        engine,
+        served_model_name=args.served_model_name or served_name(args.model),
+        api_key=args.api_key,
+        allow_remote_images=args.allow_remote_images,
+        max_queue=args.max_queue,
+        default_max_tokens=args.default_max_tokens,
+    )
+
+
+def served_name(src: str) -> str:
+    """A hub id stays as given; a local folder is known by its name."""
+    path = Path(src).expanduser()
+    return path.resolve().name if path.exists() else src
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import FastVLMError
+
+    parser = argparse.ArgumentParser(prog="fastvlm serve", description="OpenAI-compatible FastVLM server")
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except FastVLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
