@@ -59,8 +59,8 @@ class Engine:
 
     ``max_seq_len`` (prompt + new tokens per request) defaults to 4096 and is capped at
     the model's context; ``feature_cache_size`` image features are kept for reuse (0
-    turns the cache off); while requests are decoding, at most ``prefill_per_step``
-    new ones are prefilled per step, so a burst of arrivals cannot stall them.
+    turns the cache off); at most ``prefill_per_step`` new requests are prefilled per
+    step, so a burst of arrivals cannot stall running streams or each other's first token.
     """
 
     def __init__(

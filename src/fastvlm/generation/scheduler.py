@@ -38,9 +38,14 @@ class Scheduler:
         return [s for s in [*self.waiting, *self.running] if s.cancel_requested and not s.finished]
 
     def admit(self) -> list[Sequence]:
-        """Waiting sequences to prefill now: a few while others decode, as many as fit otherwise."""
+        """Waiting sequences to prefill now: at most ``prefill_per_step``, even when idle.
+
+        Prefilling everything that waits before the first decode step would hold back
+        every stream's first token until the last prompt is in; admitting a few per
+        step lets early requests start streaming while later ones are prefilled.
+        """
         free = self.max_batch - len(self.running)
-        n = min(free, self.prefill_per_step) if self.running else free
+        n = min(free, self.prefill_per_step)
         return [self.waiting.popleft() for _ in range(min(n, len(self.waiting)))]
 
     def next_row(self) -> int:
