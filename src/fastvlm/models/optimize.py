@@ -79,9 +79,11 @@ class Int8Linear(nn.Module):
     """y = x @ (q * s)^T + b with q int8 (out, in) and one scale per output channel.
 
     Decoding is bound by reading weights, so halving their bytes nearly doubles
-    tokens/s. The packed kernel is used for bf16/fp16 activations on CPU; elsewhere
-    the eager fallback dequantises on the fly (correct, not faster).
+    tokens/s. The packed kernel is used for decoding with bf16/fp16 activations on
+    CPU; elsewhere the eager fallback dequantises on the fly.
     """
+
+    packed_max_rows = 16  # above this many input rows, dequantise and use a dense matmul
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -95,10 +97,16 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, in)
-        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
+        if (
+            x2.shape[0] <= self.packed_max_rows
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and x.device.type == "cpu"
+        ):
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
         else:
-            y = F.linear(x2, self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+            # Many rows (a prefill): the packed kernel is a matrix-vector kernel and loses
+            # to dequantising once (one fused int8 * scale op) and a dense matmul.
+            y = F.linear(x2, self.qweight * self.scale.to(x.dtype)[:, None])
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

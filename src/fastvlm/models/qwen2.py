@@ -92,12 +92,33 @@ class Attention(nn.Module):
         if cache is not None:
             cache.write(self.layer_idx, rows, slots, k, v)
             k, v = cache.read(self.layer_idx, rows, kv_len)  # (B, nkv, S, hd)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
+        if T == 1:
+            out = decode_attention(q, k, v, mask)
+        else:
+            groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh*hd) -> (B, T, D)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention for one new token per row: q (B, nh, 1, hd), k/v (B, nkv, S, hd).
+
+    Grouping the query heads that share a key/value head turns GQA into two batched
+    matmuls with no repeated K/V copies; for a single query this is much cheaper than
+    SDPA, whose fused kernels are tuned for long queries. Scores are kept in float32.
+    """
+    B, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    qg = q.reshape(B, nkv, nh // nkv, hd)  # (B, nkv, g, hd): the g query heads of each kv head
+    scores = (qg @ k.transpose(-1, -2)).float() * hd**-0.5  # (B, nkv, g, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return (probs @ v).reshape(B, nh, 1, hd)  # (B, nkv, g, hd) -> (B, nh, 1, hd)
 
 
 class MLP(nn.Module):
