@@ -58,3 +58,26 @@ def test_int8_weights_stay_close(plain, inputs, dtype):
     assert quant.lm_head.qweight.dtype == torch.int8
     # Weight-only int8 with per-channel scales: a few percent of the logit range at most.
     assert _rel(quant(ids, pixel_values=px).logits, base(ids, pixel_values=px).logits) <= 0.05
+
+
+def test_compiled_vision_tower_matches_eager(plain, inputs):
+    _, px = inputs
+    fast = optimize(copy.deepcopy(plain), SpeedOptions(compile_vision=True))
+    got = fast.get_image_features(px)
+    assert not fast.vision_forward.failed, "torch.compile fell back to eager"
+    assert fast.vision_forward.compile_seconds is not None
+    assert _rel(got, plain.get_image_features(px)) <= 1e-4
+
+
+def test_int8_prefill_path_matches_decode_path(plain, inputs):
+    from fastvlm.models.optimize import Int8Linear
+
+    ids, px = inputs
+    quant = optimize(copy.deepcopy(plain).to(torch.bfloat16), SpeedOptions(int8=True))
+    packed = quant(ids, pixel_values=px).logits
+    Int8Linear.packed_max_rows = 0  # force the dequantise + dense matmul path
+    try:
+        dense = quant(ids, pixel_values=px).logits
+    finally:
+        Int8Linear.packed_max_rows = 16
+    assert _rel(dense, packed) <= 0.02

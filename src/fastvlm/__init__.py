@@ -1,24 +1,9 @@
 """FastVLM in plain PyTorch: faithful, fast, and easy to run and serve."""
 
+from .api import VLM, load
 from .config import FastVLMConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, ContextLengthError, FastVLMError, InputError
-from .models.fastvlm import FastVLM
-
-__all__ = [
-    "FastVLM",
-    "FastVLMConfig",
-    "TextConfig",
-    "VisionConfig",
-    "FastVLMError",
-    "CheckpointError",
-    "InputError",
-    "ContextLengthError",
-]
-__version__ = "0.1.0"
-
-# The high-level API and the types it returns.
-from .api import VLM, load  # noqa: E402
-from .generation.engine import (  # noqa: E402
+from .generation.engine import (
     Engine,
     GenerationRequest,
     GenerationResult,
@@ -27,10 +12,19 @@ from .generation.engine import (  # noqa: E402
     Timings,
     Usage,
 )
+from .models.fastvlm import FastVLM
+from .models.optimize import SpeedOptions
+from .processing import FastVLMProcessor
 
-__all__ += [
+__all__ = [
     "load",
     "VLM",
+    "FastVLM",
+    "FastVLMProcessor",
+    "FastVLMConfig",
+    "TextConfig",
+    "VisionConfig",
+    "SpeedOptions",
     "Engine",
     "GenerationRequest",
     "GenerationResult",
@@ -38,4 +32,9 @@ __all__ += [
     "StreamEvent",
     "Timings",
     "Usage",
+    "FastVLMError",
+    "CheckpointError",
+    "InputError",
+    "ContextLengthError",
 ]
+__version__ = "0.1.0"

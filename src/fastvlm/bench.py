@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run")
     parser.add_argument("--batch", type=int, default=0, help="also measure throughput at this batch size")
     parser.add_argument("--int8", action="store_true", help="also measure int8 weight-only decoding")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile our vision tower (compile time reported separately)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip transformers")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument(
@@ -262,12 +267,15 @@ def run(args) -> int:
     if ref is not None:
         sides.append(_reference_side(ref))
     fast = optimize(ours, SpeedOptions())
-    sides.append(_ours_side("fastvlm", fast))
+    models = {"fastvlm": fast}
     if args.int8:
         import copy
 
-        quant = optimize(copy.deepcopy(fast), SpeedOptions(int8=True))
-        sides.append(_ours_side("fastvlm int8", quant))
+        quant = models["fastvlm int8"] = optimize(copy.deepcopy(fast), SpeedOptions(int8=True))
+    for name, model in models.items():
+        if args.compile:
+            optimize(model, SpeedOptions(False, False, False, compile_vision=True))
+        sides.append(_ours_side(name, model))
     ids, px = _inputs(1, args.prompt_tokens, dtype, device)
     with torch.inference_mode():
         for side in sides:  # warm-up: first calls pay for allocator and kernel selection
@@ -294,6 +302,12 @@ def run(args) -> int:
         "torch": torch.__version__,
         "results": {s.name: s.medians() for s in sides},
     }
+    if args.compile:
+        summary["compile_s"] = {n: m.vision_forward.compile_seconds for n, m in models.items()}
+        print(
+            "# torch.compile of the vision tower took "
+            + ", ".join(f"{n}: {v:.1f} s" for n, v in summary["compile_s"].items() if v is not None)
+        )
     if args.int8:
         with torch.inference_mode():
             summary["int8_accuracy"] = int8_accuracy(fast, quant, ids, px)

@@ -52,8 +52,9 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class FastVLM(nn.Module):
-    # Set by models.optimize: feed the vision tower NHWC pixels.
+    # Set by models.optimize: feed the vision tower NHWC pixels; a compiled tower to call.
     vision_channels_last: bool = False
+    vision_forward = None
 
     def __init__(self, config: FastVLMConfig) -> None:
         super().__init__()
@@ -94,7 +95,8 @@ class FastVLM(nn.Module):
         pixels = pixel_values.to(self.device, dtype)
         if self.vision_channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        fmap = self.vision_tower(pixels)  # (B, C, h, w)
+        tower = self.vision_forward or self.vision_tower
+        fmap = tower(pixels)  # (B, C, h, w)
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major over the map
         return self.projector(tokens)
 

@@ -8,6 +8,8 @@ every switch off leaves the model exactly as loaded.
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,9 @@ class SpeedOptions:
     fuse_projections: bool = True  # one q|k|v matmul and one gate|up matmul per layer
     channels_last: bool = True  # NHWC convolutions in the vision tower (oneDNN and cuDNN favour it)
     int8: bool = False  # weight-only int8 for the decoder, the LM head and the projector
+    # torch.compile the vision tower (inductor, frozen weights: convolutions fused with
+    # their GELU). Pays a compile per new batch size; falls back to eager if compiling fails.
+    compile_vision: bool = False
 
 
 def optimize(model, options: SpeedOptions = SpeedOptions()):
@@ -33,7 +38,43 @@ def optimize(model, options: SpeedOptions = SpeedOptions()):
         model.vision_channels_last = True
     if options.int8:
         quantize_int8(model)
+    if options.compile_vision:
+        model.vision_forward = CompiledWithFallback(model.vision_tower)
     return model
+
+
+class CompiledWithFallback:
+    """Run a module through torch.compile; on any compile failure warn once and stay eager.
+
+    ``compile_seconds`` records the first (compiling) call, so it can be reported apart
+    from steady-state timings. The compiled graph is cached by torch per input shape.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.compiled = torch.compile(module, dynamic=False)
+        self.failed = False
+        self.compile_seconds: float | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failed:
+            return self.module(x)
+        import torch._inductor.config as inductor_config
+
+        start = time.perf_counter()
+        try:
+            # Freezing lets inductor treat weights as constants and fuse conv + GELU.
+            with inductor_config.patch(freezing=True):
+                out = self.compiled(x)
+        except Exception as exc:  # no C++ compiler, unsupported backend, ...
+            warnings.warn(
+                f"torch.compile failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=2
+            )
+            self.failed = True
+            return self.module(x)
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - start
+        return out
 
 
 class FusedLinear(nn.Module):

@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     parser.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster decoding)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the vision tower (slow first request per batch size)",
+    )
     parser.add_argument("--served-model-name", default=None, help="the name clients pass as 'model'")
     parser.add_argument(
         "--max-seq-len", type=int, default=None, help="cache length per request (prompt + new)"
@@ -86,7 +91,7 @@ def build_app(args: argparse.Namespace):
 
     log.info("loading %s", args.model)
     model = FastVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    optimize(model, SpeedOptions(int8=args.int8))
+    optimize(model, SpeedOptions(int8=args.int8, compile_vision=args.compile))
     # The server checks and decodes image URLs itself; the processor reads nothing else.
     processor = FastVLMProcessor.from_pretrained(
         args.model, allow_remote_images=False, allow_local_images=False
