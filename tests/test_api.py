@@ -16,18 +16,9 @@ IMAGE = str(builders.shared_assets() / "images" / "waterview.jpg")
 OTHER = str(builders.shared_assets() / "images" / "000000039769.png")
 
 
-def tiny_folder(tmp_path_factory) -> Path:
-    """One tiny checkpoint per test session, shared by the engine, API and CLI tests."""
-    folder = tmp_path_factory.getbasetemp() / "tiny_fast_vlm"
-    if not (folder / ".complete").exists():
-        builders.tiny_checkpoint(folder)
-        (folder / ".complete").touch()
-    return folder
-
-
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-    return fastvlm.load(tiny_folder(tmp_path_factory), device="cpu", dtype="float32", progress=False)
+def vlm(tiny_checkpoint_dir):
+    return fastvlm.load(tiny_checkpoint_dir, device="cpu", dtype="float32", progress=False)
 
 
 def user(text: str, *images) -> list[dict]:

@@ -20,7 +20,7 @@ sync_api = pytest.importorskip(
 )
 
 import builders  # noqa: E402
-from test_server import MODEL, load_tiny, serve, tiny_checkpoint_folder  # noqa: E402
+from test_server import MODEL, load_tiny, serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -48,8 +48,8 @@ COUNT_UPDATES = """() => {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_tiny(tiny_checkpoint_folder(tmp_path_factory))
+def tiny(tiny_checkpoint_dir):
+    return load_tiny(tiny_checkpoint_dir)
 
 
 @pytest.fixture(scope="module")

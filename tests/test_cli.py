@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,18 +16,9 @@ IMAGE = str(builders.shared_assets() / "images" / "waterview.jpg")
 CPU = ["--dtype", "float32", "--device", "cpu"]
 
 
-def tiny_folder(tmp_path_factory) -> Path:
-    """One tiny checkpoint per test session, shared by the engine, API and CLI tests."""
-    folder = tmp_path_factory.getbasetemp() / "tiny_fast_vlm"
-    if not (folder / ".complete").exists():
-        builders.tiny_checkpoint(folder)
-        (folder / ".complete").touch()
-    return folder
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return str(tiny_folder(tmp_path_factory))
+def tiny(tiny_checkpoint_dir) -> str:
+    return str(tiny_checkpoint_dir)
 
 
 def fastvlm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ any request produces under greedy decoding or a fixed seed.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,18 +27,9 @@ IMAGES = sorted(
 )
 
 
-def tiny_folder(tmp_path_factory) -> Path:
-    """One tiny checkpoint per test session, shared by the engine, API and CLI tests."""
-    folder = tmp_path_factory.getbasetemp() / "tiny_fast_vlm"
-    if not (folder / ".complete").exists():
-        builders.tiny_checkpoint(folder)
-        (folder / ".complete").touch()
-    return folder
-
-
 @pytest.fixture(scope="module")
-def model_and_processor(tmp_path_factory):
-    folder = tiny_folder(tmp_path_factory)
+def model_and_processor(tiny_checkpoint_dir):
+    folder = tiny_checkpoint_dir
     model = FastVLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
     return model, FastVLMProcessor.from_pretrained(folder)
 

@@ -174,6 +174,17 @@ def test_missing_key_is_named(tmp_path):
         FastVLM.from_pretrained(folder, progress=False)
 
 
+def test_unexpected_key_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = builders.save_reference(builders.build_reference(seed=6), tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.language_model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2, 2)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="unexpected weight.*extra_proj"):
+        FastVLM.from_pretrained(folder, progress=False)
+
+
 def test_wrong_shape_and_wrong_model_type(tmp_path):
     folder = builders.save_reference(builders.build_reference(seed=7), tmp_path)
     config = json.loads((folder / "config.json").read_text())

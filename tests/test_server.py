@@ -41,15 +41,6 @@ pytestmark = pytest.mark.skipif(
 
 # ---- harness --------------------------------------------------------------------------
 
-_FOLDER: dict[str, Path] = {}
-
-
-def tiny_checkpoint_folder(tmp_path_factory) -> Path:
-    """Built once per test session, also for test_chat_page."""
-    if "tiny" not in _FOLDER:
-        _FOLDER["tiny"], _ = builders.tiny_checkpoint(tmp_path_factory.mktemp("tiny-server"))
-    return _FOLDER["tiny"]
-
 
 def load_tiny(folder: Path):
     model = FastVLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
@@ -131,8 +122,8 @@ def image_message(uri: str, text: str = "What is in the image?") -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_tiny(tiny_checkpoint_folder(tmp_path_factory))
+def tiny(tiny_checkpoint_dir):
+    return load_tiny(tiny_checkpoint_dir)
 
 
 @pytest.fixture(scope="module")
@@ -534,14 +525,14 @@ def test_api_key_and_remote_images(tiny, cat_png):
         assert reply.usage.prompt_tokens > 4
 
 
-def test_cli_builds_the_app(tiny, tmp_path_factory):
+def test_cli_builds_the_app(tiny, tiny_checkpoint_dir):
     import argparse
 
     from fastvlm.server import cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    folder = tiny_checkpoint_folder(tmp_path_factory)
+    folder = tiny_checkpoint_dir
     args = parser.parse_args(
         ["--model", str(folder), "--device", "cpu", "--dtype", "float32", "--max-batch", "2"]
     )

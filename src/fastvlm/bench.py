@@ -286,6 +286,8 @@ def run(args) -> int:
                 side.run(ids, px, args.new_tokens, device)
         if args.batch:
             bids, bpx = _inputs(args.batch, args.prompt_tokens, dtype, device)
+            for side in sides:  # warm-up at this batch size (a compiled tower compiles per shape)
+                side.generate(bids, bpx, 1)
             for _ in range(max(1, args.repeats // 2)):
                 for side in sides:
                     side.run_batch(bids, bpx, args.new_tokens, device)
