@@ -111,7 +111,7 @@ def load_state(model, state: LazyState, dtype: torch.dtype, device: torch.device
         expected.pop("lm_head.weight")
     _check_keys(state, expected)
     for name, target in _progress(expected.items(), progress, len(expected)):
-        tensor = state[name]()
+        tensor = state.pop(name)()  # pop: drop each source (and fused float32 copy) once placed
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
                 f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}; "

@@ -22,6 +22,14 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: b
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=bias)
 
 
+class InplaceGELU(nn.Module):
+    """Exact GELU written over its input: at 1024x1024 each early activation is ~50 MB,
+    and the input is always a fresh conv output that nothing else reads."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.gelu_(x)
+
+
 class SqueezeExcite(nn.Module):
     def __init__(self, channels: int, rd_ratio: float = 1 / 16) -> None:
         super().__init__()
@@ -50,7 +58,7 @@ class ReparamConv(nn.Module):
         super().__init__()
         self.reparam_conv = _conv(cin, cout, k, stride, groups)
         self.se = SqueezeExcite(cout, se) if se else nn.Identity()
-        self.act = nn.GELU() if act else nn.Identity()
+        self.act = InplaceGELU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.se(self.reparam_conv(x)))
@@ -72,7 +80,7 @@ class ConvFFN(nn.Module):
         super().__init__()
         self.conv = _conv(dim, dim, 7, groups=dim)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
-        self.act = nn.GELU()
+        self.act = InplaceGELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
