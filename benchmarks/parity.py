@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import builders  # noqa: E402
-
 from fastvlm import FastVLM  # noqa: E402
 
 N_IMG = (builders.IMAGE_SIZE // 64) ** 2
