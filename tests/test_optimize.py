@@ -44,9 +44,21 @@ def test_fused_projections_and_channels_last_equal_plain(plain, inputs):
     assert fast.generate(**kwargs).tolist() == plain.generate(**kwargs).tolist()
 
 
+def test_transposed_float32_layout_equals_plain(plain, inputs):
+    from fastvlm.models.optimize import TransposedLinear
+
+    ids, px = inputs
+    fast = optimize(copy.deepcopy(plain), SpeedOptions(fuse_projections=False, channels_last=False))
+    assert isinstance(fast.lm_head, TransposedLinear)
+    optimize(fast, SpeedOptions())  # applying again is harmless
+    assert _rel(fast(ids, pixel_values=px).logits, plain(ids, pixel_values=px).logits) <= 1e-5
+    kwargs = {"input_ids": ids, "pixel_values": px, "max_new_tokens": 8}
+    assert fast.generate(**kwargs).tolist() == plain.generate(**kwargs).tolist()
+
+
 def test_all_switches_off_is_identity(plain, inputs):
     ids, px = inputs
-    same = optimize(copy.deepcopy(plain), SpeedOptions(False, False, False))
+    same = optimize(copy.deepcopy(plain), SpeedOptions.off())
     assert torch.equal(same(ids, pixel_values=px).logits, plain(ids, pixel_values=px).logits)
 
 

@@ -9,6 +9,7 @@ tokens/s, plus batch throughput. The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -274,7 +275,7 @@ def run(args) -> int:
         quant = models["fastvlm int8"] = optimize(copy.deepcopy(fast), SpeedOptions(int8=True))
     for name, model in models.items():
         if args.compile:
-            optimize(model, SpeedOptions(False, False, False, compile_vision=True))
+            optimize(model, dataclasses.replace(SpeedOptions.off(), compile_vision=True))
         sides.append(_ours_side(name, model))
     ids, px = _inputs(1, args.prompt_tokens, dtype, device)
     with torch.inference_mode():
