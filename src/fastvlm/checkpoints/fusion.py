@@ -30,10 +30,6 @@ def _pop_bn(state: LazyState, prefix: str) -> BatchNorm:
     return BatchNorm(*(_pop(state, prefix + n) for n in ("weight", "bias", "running_mean", "running_var")))
 
 
-def _has(state: LazyState, prefix: str) -> bool:
-    return any(k.startswith(prefix) for k in state)
-
-
 def _prefixes(state: LazyState, pattern: str) -> list[str]:
     """Distinct group prefixes: the text before ``pattern`` in matching keys."""
     rx = re.compile(r"^(.*?\.)" + pattern)
