@@ -144,13 +144,13 @@ def describe_checkpoint(src: str) -> dict[str, Any]:
     """
     from .checkpoints.formats import read_config_json
     from .checkpoints.hub import resolve_checkpoint
-    from .checkpoints.loader import _apply_generation_config, weight_files
+    from .checkpoints.loader import apply_generation_config, weight_files
     from .config import FastVLMConfig
     from .processing import FastVLMProcessor
 
     folder = resolve_checkpoint(src)
     config = FastVLMConfig.from_dict(read_config_json(folder))
-    _apply_generation_config(config, folder)
+    apply_generation_config(config, folder)
     # The processor's settings, not the tower's nominal size, decide the image size used.
     processor = FastVLMProcessor.from_pretrained(folder)
     height, width = processor.image_settings.output_size

@@ -128,7 +128,7 @@ def _progress(items, enabled: bool, total: int) -> Iterator:
     )
 
 
-def _apply_generation_config(config: FastVLMConfig, folder: Path) -> None:
+def apply_generation_config(config: FastVLMConfig, folder: Path) -> None:
     """Stop and pad ids from generation_config.json override config.json's, as in transformers."""
     path = folder / "generation_config.json"
     if not path.is_file():
@@ -143,33 +143,29 @@ def _apply_generation_config(config: FastVLMConfig, folder: Path) -> None:
         config.pad_token_id = gen["pad_token_id"]
 
 
-def model_from_state_dict(config: FastVLMConfig, state_dict: dict, *, dtype=None, device=None):
-    """Build a model from an in-memory state dict in either format's key names."""
+def _build(config: FastVLMConfig, source: LazyState, dtype, device, progress: bool):
+    """A FastVLM from lazily read source tensors (either format's key names), in eval mode."""
     from ..models.fastvlm import FastVLM
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     with torch.device("meta"):
         model = FastVLM(config)
-    lazy = {k: (lambda v=v: v) for k, v in state_dict.items()}
-    load_state(model, fuse_vision_state(_rename(lazy, config)), dt, dev, progress=False)
+    load_state(model, fuse_vision_state(_rename(source, config)), dt, dev, progress)
     return model.eval()
+
+
+def model_from_state_dict(config: FastVLMConfig, state_dict: dict, *, dtype=None, device=None):
+    """Build a model from an in-memory state dict in either format's key names."""
+    return _build(config, {k: partial(lambda v: v, v) for k, v in state_dict.items()}, dtype, device, False)
 
 
 def load_model(
     src: str | os.PathLike, *, dtype=None, device=None, revision: str | None = None, progress: bool = True
 ):
-    from ..models.fastvlm import FastVLM
-
     folder = resolve_checkpoint(src, revision=revision)
     config = FastVLMConfig.from_dict(read_config_json(folder))
-    _apply_generation_config(config, folder)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    with torch.device("meta"):
-        model = FastVLM(config)
-    state = fuse_vision_state(_rename(_open_lazy(weight_files(folder)), config))
-    load_state(model, state, dt, dev, progress)
-    model.eval()
+    apply_generation_config(config, folder)
+    model = _build(config, _open_lazy(weight_files(folder)), dtype, device, progress)
     model.source = str(folder)
     return model
