@@ -83,9 +83,7 @@ def apple_to_hf(key: str, network: dict[int, str]) -> str | None:
         if target is None:
             return key  # reported later as unexpected
         rest = match.group(2)
-        if target.endswith("downsample."):
-            pass  # "proj.0..." stays
-        elif target.endswith("pos_emb."):
+        if target.endswith("pos_emb."):
             rest = re.sub(r"^pe\.", "pos_enc.", rest)  # training-form RepCPE
         inner = target + rest
     for pattern, repl in APPLE_VISION_RENAMES:
