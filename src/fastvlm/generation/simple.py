@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..models.fastvlm import causal_padding_mask
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams, sample_rows
 
 
 def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -19,12 +19,12 @@ def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _next_tokens(logits, params, generator, ids, done, pad_id) -> torch.Tensor:
-    """One token per row from (B, V) logits; finished rows get ``pad_id``."""
-    out = [
-        pad_id if done[b] else sample_next(logits[b], params, generator, ids[b])
-        for b in range(logits.shape[0])
-    ]
-    return torch.tensor(out, dtype=torch.long, device=ids.device)
+    """One token per row from (B, V) logits; finished rows get ``pad_id`` and draw no sample."""
+    out = torch.full((logits.shape[0],), pad_id, dtype=torch.long)
+    live = (~done).nonzero().flatten().tolist()
+    picked = sample_rows(logits[live], [params] * len(live), [generator] * len(live), [ids[b] for b in live])
+    out[live] = torch.tensor(picked, dtype=torch.long)
+    return out.to(ids.device)
 
 
 @torch.inference_mode()
@@ -90,16 +90,15 @@ class _CachedDecoder:
         B, T = ids.shape
         self.cache = model.new_cache(B, T + max_new_tokens)
         self.length = T
-        self.positions = generation_positions(mask)[:, -1:]  # (B, 1)
+        self.prompt_positions = generation_positions(mask)  # (B, T)
+        self.positions = self.prompt_positions[:, -1:]  # (B, 1), advanced by each step
 
     def prefill(self) -> torch.Tensor:
         B, T = self.ids.shape
         slots = torch.arange(T, device=self.ids.device).expand(B, T)
         embeds = self.model.embed(self.ids, self.feats)
         mask = causal_padding_mask(self.mask)
-        hidden = self.model.language_model(
-            embeds, generation_positions(self.mask), mask, self.cache, slots, T
-        )
+        hidden = self.model.language_model(embeds, self.prompt_positions, mask, self.cache, slots, T)
         return self.model.logits(hidden[:, -1])  # (B, V)
 
     def step(self, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
