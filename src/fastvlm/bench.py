@@ -200,9 +200,9 @@ def _reference_side(ref) -> Side:
 # ---- reporting ---------------------------------------------------------------------------
 
 
-def hardware() -> str:
-    if torch.cuda.is_available() and torch.cuda.current_device() is not None:
-        return torch.cuda.get_device_name()
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
@@ -292,7 +292,9 @@ def run(args) -> int:
             for _ in range(max(1, args.repeats // 2)):
                 for side in sides:
                     side.run_batch(bids, bpx, args.new_tokens, device)
-    print(f"# fastvlm bench: {args.model or args.size}, {dtype}, {hardware()}, torch {torch.__version__}")
+    print(
+        f"# fastvlm bench: {args.model or args.size}, {dtype}, {hardware(device)}, torch {torch.__version__}"
+    )
     print(
         f"# prompt {args.prompt_tokens} tokens (256 image), {args.new_tokens} new tokens, "
         f"median of {args.repeats}, batch {args.batch or '-'}"
@@ -301,7 +303,7 @@ def run(args) -> int:
     summary = {
         "model": args.model or args.size,
         "dtype": str(dtype).removeprefix("torch."),
-        "hardware": hardware(),
+        "hardware": hardware(device),
         "torch": torch.__version__,
         "results": {s.name: s.medians() for s in sides},
     }
