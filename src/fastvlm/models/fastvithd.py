@@ -87,8 +87,12 @@ class ConvFFN(nn.Module):
         return self.fc2(self.act(self.fc1(self.conv(x))))
 
 
-class RepMixer(nn.Module):
-    """Fused RepMixer: x + gamma * (mixer(x) - norm(x)) collapses into one depthwise conv."""
+class FusedDepthwise(nn.Module):
+    """One depthwise conv with bias: the fused form of two different training-time blocks.
+
+    RepMixer, x + gamma * (mixer(x) - norm(x)), and the conditional positional encoding
+    RepCPE, x + dwconv(x), are both linear and depthwise, so each folds into this.
+    """
 
     def __init__(self, dim: int, k: int) -> None:
         super().__init__()
@@ -96,6 +100,9 @@ class RepMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reparam_conv(x)
+
+
+RepMixer = RepCPE = FusedDepthwise
 
 
 class RepMixerBlock(nn.Module):
@@ -181,17 +188,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
-
-
-class RepCPE(nn.Module):
-    """Fused conditional positional encoding: x + dwconv(x) as one depthwise conv."""
-
-    def __init__(self, dim: int, k: int) -> None:
-        super().__init__()
-        self.reparam_conv = _conv(dim, dim, k, groups=dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reparam_conv(x)
 
 
 class Stage(nn.Module):
