@@ -93,3 +93,19 @@ def test_int8_prefill_path_matches_decode_path(plain, inputs):
     finally:
         Int8Linear.packed_max_rows = 16
     assert _rel(dense, packed) <= 0.02
+
+
+def test_loading_does_not_import_sympy(tiny_checkpoint_dir):
+    # Random init on the meta device imports sympy, ~80 MB resident for nothing;
+    # a fresh interpreter shows whether loading and optimising still pull it in.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastvlm\n"
+        "from fastvlm.models.optimize import optimize\n"
+        f"optimize(fastvlm.FastVLM.from_pretrained({str(tiny_checkpoint_dir)!r}, progress=False))\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

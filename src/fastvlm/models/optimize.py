@@ -55,7 +55,22 @@ def optimize(model, options: SpeedOptions = SpeedOptions()):
         transpose_linears(model)
     if options.compile_vision:
         model.vision_forward = CompiledWithFallback(model.vision_tower)
+    _return_freed_memory()
     return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the buffers that fusing and re-layout replaced back to the OS.
+
+    glibc keeps freed heap chunks for reuse, so without this the weights' old
+    copies stay in the resident set (~60 MB for 0.5B) long after they are gone.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
+        pass
 
 
 class CompiledWithFallback:
