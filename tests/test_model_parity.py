@@ -125,6 +125,29 @@ def test_cache_free_generation_equals_cached(pair, inputs):
     assert ours.generate(**kwargs).tolist() == ours.generate(**kwargs, use_cache=False).tolist()
 
 
+def test_generated_placeholder_id_is_embedded_as_text(pair, inputs, monkeypatch):
+    ours, _ = pair
+    image_id, forced_step = builders.SMALL_IMAGE_TOKEN_ID, 1
+    real_logits, calls = ours.logits, []
+
+    def placeholder_at_forced_step(hidden: torch.Tensor) -> torch.Tensor:
+        # One logits call per generated token in both paths, so the call count is the step.
+        logits = real_logits(hidden)
+        if len(calls) == forced_step:
+            logits[..., image_id] = logits.max() + 1
+        calls.append(None)
+        return logits
+
+    monkeypatch.setattr(ours, "logits", placeholder_at_forced_step)
+    ids = inputs["single"][None]
+    kwargs = {"input_ids": ids, "pixel_values": inputs["px"][:1], "max_new_tokens": 6}
+    cached = ours.generate(**kwargs)
+    calls.clear()
+    uncached = ours.generate(**kwargs, use_cache=False)
+    assert cached[0, ids.shape[1] + forced_step] == image_id
+    assert uncached.tolist() == cached.tolist()
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_tied_and_untied_heads(tmp_path, tied):
     ref = builders.build_reference(tied=tied, seed=2)

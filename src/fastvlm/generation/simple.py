@@ -63,23 +63,48 @@ def generate(
     pad_id = pad_id if pad_id is not None else (eos_list[0] if eos_list else 0)
     feats = model.get_image_features(pixel_values) if pixel_values is not None else None
     done = torch.zeros(B, dtype=torch.bool)
-    decoder = _CachedDecoder(model, ids, feats, mask, max_new_tokens) if use_cache else None
-    logits = decoder.prefill() if decoder else None
+    if use_cache:
+        decoder = _CachedDecoder(model, ids, feats, mask, max_new_tokens)
+    else:
+        decoder = _UncachedDecoder(model, ids, feats, mask)
+    logits = decoder.prefill()
     for i in range(max_new_tokens):
-        if decoder is None:
-            positions = generation_positions(mask)
-            logits = model(ids, attention_mask=mask, position_ids=positions, image_features=feats).logits[
-                :, -1
-            ]
         new = _next_tokens(logits, params, generator, ids, done, pad_id)
         ids = torch.cat([ids, new[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         done |= torch.tensor([int(t) in eos for t in new])
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        if decoder is not None:
-            logits = decoder.step(new, mask)
+        logits = decoder.step(new, mask)
     return ids
+
+
+def _embed_generated(model, new: torch.Tensor) -> torch.Tensor:
+    """(B,) generated ids -> (B, 1, D). Not model.embed: a generated id may equal the
+    image placeholder id, and only the prompt's placeholders take image features."""
+    return model.language_model.embed_tokens(new[:, None])
+
+
+class _UncachedDecoder:
+    """The reference path: every step recomputes the whole sequence from its embeddings."""
+
+    def __init__(self, model, ids, feats, mask) -> None:
+        self.model, self.mask = model, mask
+        self.embeds = model.embed(ids, feats)  # (B, T, D), grown by one column per step
+
+    def prefill(self) -> torch.Tensor:
+        return self._last_logits()
+
+    def step(self, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """new (B,) tokens just chosen; mask (B, S) now includes them."""
+        self.embeds = torch.cat([self.embeds, _embed_generated(self.model, new)], dim=1)
+        self.mask = mask
+        return self._last_logits()
+
+    def _last_logits(self) -> torch.Tensor:
+        positions = generation_positions(self.mask)
+        hidden = self.model.language_model(self.embeds, positions, causal_padding_mask(self.mask))
+        return self.model.logits(hidden[:, -1])  # (B, V)
 
 
 class _CachedDecoder:
@@ -108,7 +133,6 @@ class _CachedDecoder:
         slot = torch.full((B, 1), self.length, device=new.device)
         self.length += 1
         keys = mask.bool()[:, None, None, :]  # (B, 1, 1, S): the new token sees every real key
-        # Not model.embed: a generated id may equal the image placeholder id.
-        embeds = self.model.language_model.embed_tokens(new[:, None])  # (B, 1, D)
+        embeds = _embed_generated(self.model, new)
         hidden = self.model.language_model(embeds, self.positions, keys, self.cache, slot, self.length)
         return self.model.logits(hidden[:, -1])
