@@ -284,6 +284,24 @@ def test_context_length_error_before_any_compute(model_and_processor):
     assert not eng.has_work and eng.stats["encoder_calls"] == 0 and eng.stats["prompt_tokens"] == 0
 
 
+def test_fitted_budget_shrinks_to_the_room_after_the_prompt(model_and_processor, monkeypatch):
+    model, processor = model_and_processor
+    eng = Engine(model, processor, max_seq_len=64)
+    encoded = []
+    encode_prompt = processor.encode_prompt
+    monkeypatch.setattr(processor, "encode_prompt", lambda p: encoded.append(p) or encode_prompt(p))
+    unfit = dict(max_new_tokens=500, stop_token_ids=[])
+    fitted = eng.generate([request("Hello there.", fit_to_context=True, **unfit)])[0]
+    assert len(encoded) == 1  # the prompt is tokenized once, fitting included
+    assert fitted.usage.total_tokens == 64 and fitted.finish_reason == "length"
+    roomy = eng.generate([request("Hello there.", fit_to_context=True, max_new_tokens=3)])[0]
+    assert roomy.usage.completion_tokens <= 3  # a ceiling below the room stays as it is
+    with pytest.raises(ContextLengthError, match="500 new tokens"):
+        eng.add_request(request("Hello there.", **unfit))  # without the flag nothing is fitted
+    with pytest.raises(ContextLengthError, match="over this engine's limit of 64"):
+        eng.add_request(request("long " * 80, fit_to_context=True, **unfit))  # no room at all
+
+
 def test_bad_input_raises_at_add_request(engine):
     with pytest.raises(InputError, match="no image file"):
         engine.add_request(request("What?", "/no/such/image.png"))

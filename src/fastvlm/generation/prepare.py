@@ -31,23 +31,20 @@ def prepare_sequence(
 ) -> Sequence:
     """Tokenize ``request``, load its images and check it fits ``max_seq_len`` columns."""
     added_at = time.perf_counter() if added_at is None else added_at
-    budget = request.max_new_tokens
     if is_batch(request.messages):
         raise InputError("messages must be one conversation (a list of messages), not a list of them")
-    # The processor checks the model's context before it decodes any image.
+    # The processor checks the model's context before it decodes any image. A budget that
+    # will be fitted to the room left cannot overflow it, so then only the prompt must fit.
+    checked_budget = 0 if request.fit_to_context else request.max_new_tokens
     inputs = processor.apply_chat_template(
         request.messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-        return_tensors="pt", max_new_tokens=budget,
+        return_tensors="pt", max_new_tokens=checked_budget,
     )  # fmt: skip
     ids = inputs["input_ids"][0]  # (T,)
     T = ids.numel()
     if T == 0:
         raise InputError("the prompt is empty; send at least one message with text or an image")
-    if T + budget > max_seq_len:
-        raise ContextLengthError(
-            f"the prompt is {T} tokens plus {budget} new tokens, over this engine's limit of "
-            f"{max_seq_len} tokens; shorten the conversation or ask for fewer new tokens"
-        )
+    budget = _new_token_budget(request, T, max_seq_len)
     pixels = inputs.get("pixel_values")
     pixels = pixels if pixels is not None and pixels.shape[0] > 0 else None
     # Hashing costs a pass over the pixels; skip it when nothing would be cached.
@@ -66,7 +63,25 @@ def prepare_sequence(
         image_keys=keys,
         stop_ids=frozenset(stops),
         text=TextStream(processor.tokenizer.decode, request.stop),
+        max_new_tokens=budget,
         generator=generator,
         history=history,
         added_at=added_at,
     )
+
+
+def _new_token_budget(request: GenerationRequest, num_prompt_tokens: int, max_seq_len: int) -> int:
+    """``max_new_tokens``, lowered to the room after the prompt when the request allows it.
+
+    Raises ContextLengthError when the prompt and budget do not fit ``max_seq_len``.
+    """
+    budget = request.max_new_tokens
+    room = max_seq_len - num_prompt_tokens
+    if request.fit_to_context and room >= 1:  # with no room the error below names the ceiling
+        budget = min(budget, room)
+    if num_prompt_tokens + budget > max_seq_len:
+        raise ContextLengthError(
+            f"the prompt is {num_prompt_tokens} tokens plus {budget} new tokens, over this engine's "
+            f"limit of {max_seq_len} tokens; shorten the conversation or ask for fewer new tokens"
+        )
+    return budget

@@ -26,7 +26,9 @@ class GenerationRequest:
 
     ``messages`` are chat messages as the processor takes them (content is a string or
     a list of text/image parts). ``stop_token_ids=None`` means the checkpoint's
-    end-of-sequence ids plus ``<|im_end|>`` and ``<|endoftext|>``.
+    end-of-sequence ids plus ``<|im_end|>`` and ``<|endoftext|>``. With
+    ``fit_to_context``, ``max_new_tokens`` is a ceiling the caller did not insist on
+    (a server's default): the engine lowers it to the room left after the prompt.
     """
 
     messages: list[dict]
@@ -35,12 +37,15 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None
     request_id: str = field(default_factory=_new_request_id)
+    fit_to_context: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise InputError(f"max_new_tokens must be an integer, not {type(self.max_new_tokens).__name__}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.fit_to_context, bool):
+            raise InputError("fit_to_context must be True or False")
         if not isinstance(self.sampling, SamplingParams):
             raise InputError("sampling must be a SamplingParams")
         if isinstance(self.stop, str):

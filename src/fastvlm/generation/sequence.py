@@ -24,6 +24,7 @@ class Sequence:
     image_keys: list[str]  # feature-cache key of each image
     stop_ids: frozenset[int]
     text: TextStream
+    max_new_tokens: int  # the request's budget, fitted to the context when it asked for that
     generator: torch.Generator | None = None
     # Prompt + generated ids on the model device, only when a repetition penalty needs them.
     history: torch.Tensor | None = None
@@ -73,7 +74,7 @@ class Sequence:
         piece = self.text.push(token)
         if self.text.stopped:
             return piece + self.finish("stop", now)
-        if self.num_generated >= self.request.max_new_tokens:
+        if self.num_generated >= self.max_new_tokens:
             return piece + self.finish("length", now)
         return piece
 

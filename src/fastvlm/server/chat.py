@@ -38,9 +38,8 @@ async def chat_completion(request: Request, body: ChatCompletionRequest, state: 
     if state.worker.full:  # refuse before spending time on images; submit checks again
         raise _busy()
     generation = await to_generation_request(body, state.policy, state.http)
-    fit_budget = body.requested_max_tokens()[0] is None
     try:
-        ticket = state.worker.submit(generation, asyncio.get_running_loop(), fit_budget=fit_budget)
+        ticket = state.worker.submit(generation, asyncio.get_running_loop())
     except QueueFull:
         raise _busy() from None
     try:

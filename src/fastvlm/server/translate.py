@@ -55,6 +55,8 @@ async def to_generation_request(
             sampling=sampling,
             stop=stop,
             stop_token_ids=[] if body.ignore_eos else None,
+            # The server's default budget shrinks to fit a long prompt; an asked one does not.
+            fit_to_context=body.requested_max_tokens()[0] is None,
         )
     except InputError as exc:
         raise from_input_error(exc, param=None) from exc

@@ -96,18 +96,14 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, request, loop: asyncio.AbstractEventLoop, *, fit_budget: bool = False) -> Ticket:
-        """Queue ``request`` for the engine, or raise QueueFull.
-
-        With ``fit_budget``, ``request.max_new_tokens`` is a default the client did not
-        ask for: it is lowered to what fits the context after the prompt.
-        """
+    def submit(self, request, loop: asyncio.AbstractEventLoop) -> Ticket:
+        """Queue ``request`` for the engine, or raise QueueFull."""
         with self._lock:
             if self._active >= self.capacity:
                 raise QueueFull
             self._active += 1
         ticket = Ticket(loop)
-        self._commands.put(("add", (request, ticket, fit_budget)))
+        self._commands.put(("add", (request, ticket)))
         self.metrics.set_active(self.active)
         return ticket
 
@@ -165,10 +161,8 @@ class EngineWorker:
             except queue.Empty:
                 return
 
-    def _add(self, request, ticket: Ticket, fit_budget: bool) -> None:
+    def _add(self, request, ticket: Ticket) -> None:
         try:
-            if fit_budget:
-                self._fit_budget(request)
             request_id = self.engine.add_request(request)
         except Exception as exc:
             if not isinstance(exc, FastVLMError):
@@ -179,13 +173,6 @@ class EngineWorker:
         ticket.request_id = request_id
         self._tickets[request_id] = ticket
         ticket.post(Accepted(request_id))
-
-    def _fit_budget(self, request) -> None:
-        processor = self.engine.processor
-        prompt = processor.apply_chat_template(request.messages, tokenize=False)
-        room = self.engine.max_seq_len - len(processor.encode_prompt(prompt))
-        if room >= 1:  # otherwise add_request reports the prompt as too long
-            request.max_new_tokens = min(request.max_new_tokens, room)
 
     def _cancel(self, ticket: Ticket) -> None:
         if ticket.closed or ticket.request_id is None:
