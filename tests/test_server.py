@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import ipaddress
+import json
 import socket
 import threading
 import time
@@ -31,7 +33,9 @@ import builders  # noqa: E402
 from fastvlm import FastVLM, InputError  # noqa: E402
 from fastvlm.generation.engine import Engine, GenerationRequest  # noqa: E402
 from fastvlm.processing import FastVLMProcessor  # noqa: E402
+from fastvlm.server import images  # noqa: E402
 from fastvlm.server.app import create_app  # noqa: E402
+from fastvlm.server.errors import APIError  # noqa: E402
 
 MODEL = "tiny-fastvlm"
 TIMEOUT = 60.0
@@ -468,9 +472,11 @@ def test_engine_failure_fails_the_request_not_the_server(tiny):
 class _ImageHost(BaseHTTPRequestHandler):
     image = b""
     hits = 0
+    host = ""  # the Host header of the last request
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         type(self).hits += 1
+        type(self).host = self.headers["Host"]
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
         self.send_header("Content-Length", str(len(self.image)))
@@ -504,7 +510,9 @@ def test_remote_image_is_never_fetched_when_disallowed(live, cat_png):
 def test_api_key_and_remote_images(tiny, cat_png):
     model, processor = tiny
     with (
-        serve(model, processor, api_key="sekret", allow_remote_images=True) as keyed,
+        serve(
+            model, processor, api_key="sekret", allow_remote_images=True, allow_private_image_hosts=True
+        ) as keyed,
         image_host(cat_png) as url,
     ):
         assert httpx.get(f"{keyed.url}/health").status_code == 200
@@ -525,6 +533,134 @@ def test_api_key_and_remote_images(tiny, cat_png):
         assert reply.usage.prompt_tokens > 4
 
 
+def fake_dns(monkeypatch, names: dict[str, str]) -> None:
+    """Answer for made-up names (there is no DNS here); others (IP literals, localhost) resolve as usual."""
+    real = images.resolve_host
+
+    async def resolve(host: str, port: int) -> list:
+        if host in names:
+            return [ipaddress.ip_address(names[host])]
+        return await real(host, port)
+
+    monkeypatch.setattr(images, "resolve_host", resolve)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
+     "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1",
+     "::ffff:10.0.0.1", "2002:a00:1::", "::7f00:1"],
+)  # fmt: skip
+def test_private_and_special_addresses_are_not_public(address):
+    assert not images.is_public_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+def test_public_addresses_are_public(address):
+    assert images.is_public_address(ipaddress.ip_address(address))
+
+
+def test_remote_images_only_from_public_hosts(tiny, cat_png, monkeypatch):
+    model, processor = tiny
+    fake_dns(monkeypatch, {"images.example": "10.0.0.1"})
+    with serve(model, processor, allow_remote_images=True) as server, image_host(cat_png) as url:
+        port = url.split(":")[2].split("/")[0]
+        refused = {
+            url: "image_host_forbidden",  # 127.0.0.1, refused by default
+            f"http://localhost:{port}/cat.png": "image_host_forbidden",
+            f"http://[::ffff:127.0.0.1]:{port}/cat.png": "image_host_forbidden",
+            "http://images.example/cat.png": "image_host_forbidden",  # a name for 10.0.0.1
+            "http://user:secret@images.example/cat.png": "image_url_forbidden",
+        }
+        errors = {}
+        for image_url, code in refused.items():
+            response = httpx.post(
+                f"{server.url}/v1/chat/completions", json=_with_image(image_url), timeout=TIMEOUT
+            )
+            assert response.status_code == 400, (image_url, response.text)
+            errors[image_url] = error = response.json()["error"]
+            assert error["code"] == code and "\n" not in error["message"], image_url
+            assert error["param"] == "messages[0].content[0].image_url"
+        assert errors[url]["message"].startswith("The image host '127.0.0.1' is not a public internet host")
+        assert _ImageHost.hits == 0
+
+
+def _fetch(url: str, client: httpx.AsyncClient, **limits) -> bytes:
+    async def run() -> bytes:
+        async with client:
+            return await images.fetch_image(url, images.ImageLimits(allow_remote=True, **limits), client, "p")
+
+    return asyncio.run(run())
+
+
+def test_redirects_are_checked_hop_by_hop(monkeypatch, cat_png):
+    fake_dns(monkeypatch, {"images.example": "93.184.216.34", "cdn.example": "93.184.216.35"})
+    seen: list[tuple[str, str]] = []
+    redirects = {
+        "/moved": "http://cdn.example/cat.png",
+        "/to-loopback": "http://127.0.0.1/admin",
+        "/to-metadata": "http://169.254.169.254/latest/meta-data/",
+        "/to-file": "file:///etc/passwd",
+        "/loop": "/loop",
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.host, request.headers["host"]))
+        if request.url.path in redirects:
+            return httpx.Response(302, headers={"Location": redirects[request.url.path]})
+        return httpx.Response(200, content=cat_png)
+
+    def fetch(path: str) -> bytes:
+        return _fetch(
+            f"http://images.example{path}", httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        )
+
+    assert fetch("/moved") == cat_png
+    # Each hop goes to the address that was checked, under its own name.
+    assert seen == [("93.184.216.34", "images.example"), ("93.184.216.35", "cdn.example")]
+    for path, code in [
+        ("/to-loopback", "image_host_forbidden"),
+        ("/to-metadata", "image_host_forbidden"),
+        ("/to-file", "image_url_forbidden"),
+        ("/loop", "invalid_image"),
+    ]:
+        seen.clear()
+        with pytest.raises(APIError) as info:
+            fetch(path)
+        assert info.value.status == 400 and info.value.code == code, path
+        assert all(host.startswith("93.184.216.") for host, _ in seen)  # never sent to a refused hop
+    assert len(seen) == 1 + images.MAX_REDIRECTS and "redirects more than" in info.value.message
+
+
+def test_plain_http_goes_to_the_checked_address(monkeypatch, cat_png):
+    # A name the checked resolver maps to the local image host (and there deemed public):
+    # reaching it at all shows httpx did not resolve the name again (DNS rebinding).
+    fake_dns(monkeypatch, {"images.example": "127.0.0.1"})
+    monkeypatch.setattr(images, "is_public_address", lambda address: True)
+    with image_host(cat_png) as url:
+        port = url.split(":")[2].split("/")[0]
+        assert _fetch(f"http://images.example:{port}/cat.png", httpx.AsyncClient()) == cat_png
+        assert _ImageHost.host == f"images.example:{port}"
+
+
+def test_chunked_body_is_capped_too(tiny):
+    model, processor = tiny
+    with serve(model, processor, max_body_bytes=1 << 20) as server:
+        url = f"{server.url}/v1/chat/completions"
+        headers = {"content-type": "application/json"}
+        body = json.dumps(_request()).encode()
+        # A generator body goes out chunked, without Content-Length.
+        fine = httpx.post(url, content=iter([body[:10], body[10:]]), headers=headers, timeout=TIMEOUT)
+        assert fine.status_code == 200, fine.text
+        # Over the cap only with its last chunk, so the client has sent it all when the 413 comes.
+        chunks = [b" " * (256 << 10)] * 4 + [b"x"]
+        big = httpx.post(url, content=iter(chunks), headers=headers, timeout=TIMEOUT)
+        assert big.status_code == 413, big.text
+        assert big.json()["error"]["code"] == "request_too_large"
+        assert metrics(server.url)['fastvlm_http_responses_total{code="413"}'] == 1
+        assert httpx.get(f"{server.url}/health").status_code == 200
+
+
 def test_cli_builds_the_app(tiny, tiny_checkpoint_dir):
     import argparse
 
@@ -537,7 +673,11 @@ def test_cli_builds_the_app(tiny, tiny_checkpoint_dir):
         ["--model", str(folder), "--device", "cpu", "--dtype", "float32", "--max-batch", "2"]
     )
     assert (args.host, args.port, args.allow_remote_images, args.max_queue) == ("127.0.0.1", 8000, False, 64)
+    assert not args.allow_private_image_hosts
     app = cli.build_app(args)
+    assert not app.state.server.policy.images.allow_private_hosts
+    flags = parser.parse_args(["--allow-remote-images", "--allow-private-image-hosts"])
+    assert flags.allow_remote_images and flags.allow_private_image_hosts
     assert app.state.server.policy.served_model_name == folder.name
     assert app.state.server.worker.capacity == 2 + 64
     with pytest.raises(InputError, match="--max-queue"):

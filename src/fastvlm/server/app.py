@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -40,6 +41,7 @@ def create_app(
     served_model_name: str = "fastvlm",
     api_key: str | None = None,
     allow_remote_images: bool = False,
+    allow_private_image_hosts: bool = False,
     max_queue: int = 64,
     default_max_tokens: int = 512,
     image_limits: ImageLimits | None = None,
@@ -47,10 +49,15 @@ def create_app(
 ) -> FastAPI:
     """An app that serves ``engine`` (a ``fastvlm.generation.engine.Engine``).
 
-    The engine's worker thread starts and stops with the app's lifespan.
+    The engine's worker thread starts and stops with the app's lifespan. Remote images
+    are fetched only with ``allow_remote_images``, and then from private addresses
+    (loopback, LAN, link-local, ...) only with ``allow_private_image_hosts`` as well.
     """
-    limits = image_limits or ImageLimits()
-    limits = ImageLimits(limits.max_bytes, limits.max_pixels, allow_remote_images, limits.fetch_timeout_s)
+    limits = replace(
+        image_limits or ImageLimits(),
+        allow_remote=allow_remote_images,
+        allow_private_hosts=allow_private_image_hosts,
+    )
     metrics = Metrics(max_batch=int(getattr(engine, "max_batch", 1)))
     worker = EngineWorker(engine, max_queue=max_queue, metrics=metrics)
     policy = Policy(served_model_name, int(engine.max_seq_len), default_max_tokens, limits)

@@ -29,7 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting beyond the batch; then 429"
     )
-    parser.add_argument("--allow-remote-images", action="store_true", help="let image_url be http(s)")
+    parser.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="let image_url be http(s); only public hosts are fetched unless --allow-private-image-hosts",
+    )
+    parser.add_argument(
+        "--allow-private-image-hosts",
+        action="store_true",
+        help="with --allow-remote-images, also fetch from loopback, private and link-local addresses",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     parser.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster decoding)")
@@ -59,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("binding to %s without --api-key: anyone who can reach it can use the model", args.host)
+    if args.allow_private_image_hosts and not args.allow_remote_images:
+        log.warning("--allow-private-image-hosts does nothing without --allow-remote-images")
     app = build_app(args)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -108,6 +119,7 @@ def build_app(args: argparse.Namespace):
         served_model_name=args.served_model_name or served_name(args.model),
         api_key=args.api_key,
         allow_remote_images=args.allow_remote_images,
+        allow_private_image_hosts=args.allow_private_image_hosts,
         max_queue=args.max_queue,
         default_max_tokens=args.default_max_tokens,
     )
