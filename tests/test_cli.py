@@ -92,6 +92,7 @@ def test_more_error_paths_in_process(tiny, tmp_path, capsys):
         (["run", IMAGE, "Hi", "--model", tiny, "--temperature", "-1"], ["temperature"]),
         (["info", str(tmp_path / "nothing")], ["nothing"]),
         (["frobnicate"], ["frobnicate"]),
+        (["run", IMAGE, "Hi", "--model", tiny, "--int8", "--int4"], ["--int4", "--int8"]),
         ([], ["COMMAND"]),
     ]
     for args, needles in cases:
@@ -99,6 +100,13 @@ def test_more_error_paths_in_process(tiny, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert status == 2 and len(err) == 1 and err[0].startswith("error: "), (args, err)
         assert all(n in err[0] for n in needles), (args, err)
+
+
+@pytest.mark.parametrize("weights", ["--int8", "--int4"])
+def test_quantized_weights_run(tiny, capsys, weights):
+    args = ["run", "none", "Hi", "--model", tiny, weights, "--dtype", "bfloat16", "--device", "cpu"]
+    assert cli.main([*args, "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["usage"]["completion_tokens"] == 3
 
 
 def test_default_model_offline_says_how_to_use_a_local_copy(tmp_path):

@@ -82,7 +82,7 @@ def test_compiled_vision_tower_matches_eager(plain, inputs):
 
 
 def test_int8_prefill_path_matches_decode_path(plain, inputs):
-    from fastvlm.models.optimize import Int8Linear
+    from fastvlm.models.quantize import Int8Linear
 
     ids, px = inputs
     quant = optimize(copy.deepcopy(plain).to(torch.bfloat16), SpeedOptions(int8=True))
@@ -93,6 +93,63 @@ def test_int8_prefill_path_matches_decode_path(plain, inputs):
     finally:
         Int8Linear.packed_max_rows = 16
     assert _rel(dense, packed) <= 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_weights_stay_close(plain, inputs, dtype):
+    from fastvlm.models.quantize import Int4Linear
+
+    ids, px = inputs
+    base = copy.deepcopy(plain).to(dtype)
+    quant = optimize(copy.deepcopy(base), SpeedOptions(int4=True))
+    assert isinstance(quant.lm_head, Int4Linear)
+    assert isinstance(quant.language_model.layers[0].mlp.gate_up_proj.linear, Int4Linear)
+    got = quant(ids, pixel_values=px).logits
+    # The kernels against the same model with each int4 layer dequantised into a plain one.
+    dense = copy.deepcopy(quant)
+    for module in list(dense.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Int4Linear):
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight.data = child.dequantized().to(dtype)
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data
+                setattr(module, name, linear)
+    assert _rel(got, dense(ids, pixel_values=px).logits) <= (0.03 if dtype == torch.bfloat16 else 1e-4)
+    # 16 levels per group on random Gaussian weights: a coarse but bounded change.
+    assert _rel(got, base(ids, pixel_values=px).logits) <= 0.3
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int4_kernel_matches_its_dequantized_weight(rows):
+    from fastvlm.models.quantize import Int4Linear
+
+    g = torch.Generator().manual_seed(5)
+    linear = torch.nn.Linear(192, 128, bias=True)
+    linear.weight.data = torch.randn(128, 192, generator=g) * 0.05
+    quant = Int4Linear(linear.to(torch.bfloat16), group_size=64)
+    weight = quant.dequantized()  # (N, K), float32
+    # Round to nearest: each weight is off by at most half a step of its group.
+    step = quant.scale_offset[..., 0].float().t().repeat_interleave(64, dim=1)  # (N, K)
+    assert bool(((weight - linear.weight.float()).abs() <= step / 2 + 1e-3).all())
+    x = torch.randn(rows, 192, generator=g).to(torch.bfloat16)
+    eager = torch.nn.functional.linear(x.float(), weight, linear.bias.float())
+    assert _rel(quant(x), eager) <= 0.02
+
+
+def test_int4_unpack_reads_the_kernel_layout():
+    from fastvlm.models.quantize import unpack_int4
+
+    q = torch.randint(0, 16, (192, 256), generator=torch.Generator().manual_seed(2)).int()
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(unpack_int4(packed, 192, 256).int(), q)
+
+
+def test_int8_and_int4_together_are_refused(plain):
+    from fastvlm.errors import FastVLMError
+
+    with pytest.raises(FastVLMError, match="int8 or int4"):
+        optimize(copy.deepcopy(plain), SpeedOptions(int8=True, int4=True))
 
 
 def test_loading_does_not_import_sympy(tiny_checkpoint_dir):

@@ -120,8 +120,9 @@ def load(
 
     ``device``/``dtype`` "auto" pick CUDA bf16, MPS fp16, or CPU (bf16 where the CPU has
     native bf16, else fp32). ``speed`` picks the fast paths (default ``SpeedOptions()``:
-    fused projections and channels-last vision; ``SpeedOptions(int8=True)`` adds int8
-    weights; ``SpeedOptions.off()`` keeps the plain reference modules).
+    fused projections and channels-last vision; ``SpeedOptions(int8=True)`` or
+    ``int4=True`` quantise the decoder's weights; ``SpeedOptions.off()`` keeps the plain
+    reference modules).
     Raises CheckpointError (one line) if it cannot be loaded.
     """
     from .models.fastvlm import FastVLM

@@ -9,6 +9,7 @@ tokens/s, plus batch throughput. The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import platform
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run")
     parser.add_argument("--batch", type=int, default=0, help="also measure throughput at this batch size")
     parser.add_argument("--int8", action="store_true", help="also measure int8 weight-only decoding")
+    parser.add_argument("--int4", action="store_true", help="also measure 4-bit weight-only decoding")
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -237,8 +239,8 @@ def _table(sides: list[Side], ref_name: str = "transformers") -> str:
     return "\n".join(lines)
 
 
-def int8_accuracy(base, quant, ids, px, new_tokens: int = 64) -> dict[str, float]:
-    """Accuracy cost of int8 weights against ``base``: prompt logits and greedy agreement."""
+def quantized_accuracy(base, quant, ids, px, new_tokens: int = 64) -> dict[str, float]:
+    """Accuracy cost of quantised weights against ``base``: prompt logits and greedy agreement."""
     a = base(ids, pixel_values=px).logits.float()
     b = quant(ids, pixel_values=px).logits.float()
     gen_a = base.generate(input_ids=ids, pixel_values=px, max_new_tokens=new_tokens)[0, ids.shape[1] :]
@@ -269,10 +271,9 @@ def run(args) -> int:
         sides.append(_reference_side(ref))
     fast = optimize(ours, SpeedOptions())
     models = {"fastvlm": fast}
-    if args.int8:
-        import copy
-
-        quant = models["fastvlm int8"] = optimize(copy.deepcopy(fast), SpeedOptions(int8=True))
+    quantized = [bits for bits in ("int8", "int4") if getattr(args, bits)]
+    for bits in quantized:
+        models[f"fastvlm {bits}"] = optimize(copy.deepcopy(fast), SpeedOptions(**{bits: True}))
     for name, model in models.items():
         if args.compile:
             optimize(model, dataclasses.replace(SpeedOptions.off(), compile_vision=True))
@@ -313,10 +314,11 @@ def run(args) -> int:
             "# torch.compile of the vision tower took "
             + ", ".join(f"{n}: {v:.1f} s" for n, v in summary["compile_s"].items() if v is not None)
         )
-    if args.int8:
+    for bits in quantized:
         with torch.inference_mode():
-            summary["int8_accuracy"] = int8_accuracy(fast, quant, ids, px)
-        print("# int8 vs " + str(dtype).removeprefix("torch.") + ": " + json.dumps(summary["int8_accuracy"]))
+            summary[f"{bits}_accuracy"] = quantized_accuracy(fast, models[f"fastvlm {bits}"], ids, px)
+        name = str(dtype).removeprefix("torch.")
+        print(f"# {bits} vs {name}: " + json.dumps(summary[f"{bits}_accuracy"]))
     print(json.dumps(summary))
     return 0
 

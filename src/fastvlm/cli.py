@@ -42,7 +42,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster decoding)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster decoding)")
+    weights.add_argument(
+        "--int4", action="store_true", help="4-bit weight-only decoder (fastest on CPU, coarser)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=None)
@@ -163,7 +167,7 @@ def _load(args: argparse.Namespace):
         dtype=args.dtype,
         max_batch=1,
         progress=sys.stderr.isatty(),
-        speed=SpeedOptions(int8=args.int8),
+        speed=SpeedOptions(int8=args.int8, int4=args.int4),
     )
 
 

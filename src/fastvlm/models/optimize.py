@@ -13,9 +13,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..errors import FastVLMError
+from .quantize import quantize_int4, quantize_int8
 from .qwen2 import MLP, Attention
 
 
@@ -24,6 +25,7 @@ class SpeedOptions:
     fuse_projections: bool = True  # one q|k|v matmul and one gate|up matmul per layer
     channels_last: bool = True  # NHWC convolutions in the vision tower (oneDNN and cuDNN favour it)
     int8: bool = False  # weight-only int8 for the decoder, the LM head and the projector
+    int4: bool = False  # the same with 4-bit weights in groups of 64 (CPU kernel; faster, coarser)
     # torch.compile the vision tower (inductor, frozen weights: convolutions fused with
     # their GELU). Pays a compile per new batch size; falls back to eager if compiling fails.
     compile_vision: bool = False
@@ -37,6 +39,7 @@ class SpeedOptions:
             fuse_projections=False,
             channels_last=False,
             int8=False,
+            int4=False,
             compile_vision=False,
             transposed_fp32=False,
         )
@@ -49,8 +52,12 @@ def optimize(model, options: SpeedOptions = SpeedOptions()):
     if options.channels_last:
         model.vision_tower.to(memory_format=torch.channels_last)
         model.vision_channels_last = True
+    if options.int8 and options.int4:
+        raise FastVLMError("choose int8 or int4 weights, not both")
     if options.int8:
         quantize_int8(model)
+    elif options.int4:
+        quantize_int4(model)
     elif options.transposed_fp32 and model.dtype == torch.float32 and model.device.type == "cpu":
         transpose_linears(model)
     if options.compile_vision:
@@ -183,53 +190,3 @@ def transpose_linears(model) -> None:
     if tied:
         # Keep one copy: the embedding reads rows of the transposed head through a view.
         embed.weight = nn.Parameter(model.lm_head.weight_t.t(), requires_grad=False)
-
-
-# ---- int8 weight-only ---------------------------------------------------------------
-
-
-class Int8Linear(nn.Module):
-    """y = x @ (q * s)^T + b with q int8 (out, in) and one scale per output channel.
-
-    Decoding is bound by reading weights, so halving their bytes nearly doubles
-    tokens/s. The packed kernel is used for decoding with bf16/fp16 activations on
-    CPU; elsewhere the eager fallback dequantises on the fly.
-    """
-
-    packed_max_rows = 16  # above this many input rows, dequantise and use a dense matmul
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (M, in)
-        if (
-            x2.shape[0] <= self.packed_max_rows
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and x.device.type == "cpu"
-        ):
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
-        else:
-            # Many rows (a prefill): the packed kernel is a matrix-vector kernel and loses
-            # to dequantising once (one fused int8 * scale op) and a dense matmul.
-            y = F.linear(x2, self.qweight * self.scale.to(x.dtype)[:, None])
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
-
-
-def quantize_int8(model) -> None:
-    """Swap the decoder's, LM head's and projector's linears for ``Int8Linear``."""
-    for root in (model.language_model, model.projector):
-        for module in list(root.modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(module, child_name, Int8Linear(child))
-    model.lm_head = Int8Linear(model.lm_head)

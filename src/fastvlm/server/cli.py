@@ -41,7 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    parser.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster decoding)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster decoding)")
+    weights.add_argument(
+        "--int4", action="store_true", help="4-bit weight-only decoder (fastest on CPU, coarser)"
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -102,7 +106,7 @@ def build_app(args: argparse.Namespace):
 
     log.info("loading %s", args.model)
     model = FastVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    optimize(model, SpeedOptions(int8=args.int8, compile_vision=args.compile))
+    optimize(model, SpeedOptions(int8=args.int8, int4=args.int4, compile_vision=args.compile))
     # The server checks and decodes image URLs itself; the processor reads nothing else.
     processor = FastVLMProcessor.from_pretrained(
         args.model, allow_remote_images=False, allow_local_images=False

@@ -1,0 +1,177 @@
+"""Weight-only quantisation of the decoder, the LM head and the projector.
+
+Decoding one token reads every decoder weight once, so on a CPU its speed is set by
+memory bandwidth: int8 weights halve the bytes per token, int4 quarter them.
+Activations stay in the model's dtype. Each layer keeps an eager path that
+dequantises and runs a dense matmul; tests hold the packed kernels to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FastVLMError
+
+# ---- int8: one scale per output channel -------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * s)^T + b with q int8 (out, in) and one scale per output channel.
+
+    The packed kernel is used for a few rows (decoding) with bf16/fp16 activations on
+    CPU; elsewhere the eager path dequantises on the fly.
+    """
+
+    packed_max_rows = 16  # above this many input rows, dequantise and use a dense matmul
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (M, in)
+        if (
+            x2.shape[0] <= self.packed_max_rows
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and x.device.type == "cpu"
+        ):
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
+        else:
+            # Many rows (a prefill): the packed kernel is a matrix-vector kernel and loses
+            # to dequantising once (one fused int8 * scale op) and a dense matmul.
+            y = F.linear(x2, self.qweight * self.scale.to(x.dtype)[:, None])
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+# ---- int4: a scale and an offset per group of input channels ----------------------------
+
+_INT4_BLOCK_N = 64  # the CPU packer tiles output channels in blocks of 64
+_INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the kernel accepts
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + b with W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n], g = k // group_size.
+
+    q is 4-bit, stored in the layout of torch's CPU int4 kernel, two values a byte; the
+    scale and offset of each group are stacked as (K / group_size, N, 2). On CPU every
+    call goes through that kernel: unlike int8, dequantising for a prefill is slower
+    than the kernel itself. Elsewhere the eager path unpacks and dequantises.
+    """
+
+    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+        super().__init__()
+        N, K = linear.weight.shape
+        w = linear.weight.detach().float().view(N, K // group_size, group_size)
+        low, high = w.amin(dim=-1), w.amax(dim=-1)  # (N, K/gs)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).view(N, K).int()
+        offset = low + 8 * scale  # so that q = 8 maps to the group's midpoint
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)  # (N, K/2) uint8
+        self.register_buffer("packed", packed.to(w.device))
+        scale_offset = torch.stack([scale.t(), offset.t()], dim=-1)  # (K/gs, N, 2)
+        self.register_buffer("scale_offset", scale_offset.to(linear.weight.dtype).contiguous())
+        self.bias = linear.bias
+        self.group_size = group_size
+        self.in_features, self.out_features = K, N
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (M, in)
+        if x.device.type == "cpu":
+            y = torch._weight_int4pack_mm_for_cpu(
+                x2, self.packed, self.group_size, self.scale_offset.to(x.dtype)
+            )
+        else:
+            y = F.linear(x2, self.dequantized().to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The (N, K) weight this layer computes with, in float32."""
+        N, K, gs = self.out_features, self.in_features, self.group_size
+        q = unpack_int4(self.packed, N, K).float().view(N, K // gs, gs)
+        scale, offset = self.scale_offset.float().permute(2, 1, 0)  # each (N, K/gs)
+        return ((q - 8) * scale[..., None] + offset[..., None]).view(N, K)
+
+
+def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The CPU packer's (N, K/2) bytes back to (N, K) values in [0, 16).
+
+    Its layout: blocks of 64 output channels; within a block, for each input channel
+    k, 32 bytes whose low nibbles are channels 0-31 and high nibbles channels 32-63.
+    """
+    blocks = packed.view(N // _INT4_BLOCK_N, K, _INT4_BLOCK_N // 2)  # (N/64, K, 32)
+    values = torch.cat([blocks & 15, blocks >> 4], dim=2)  # (N/64, K, 64)
+    return values.transpose(1, 2).reshape(N, K)  # (N/64, 64, K) -> (N, K)
+
+
+@cache
+def _int4_layout_is_known() -> bool:
+    """Whether this torch build packs int4 the way ``unpack_int4`` reads it."""
+    q = torch.randint(0, 16, (2 * _INT4_BLOCK_N, 64), generator=torch.Generator().manual_seed(0))
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    except (RuntimeError, AttributeError):
+        return False
+    return packed.shape == (q.shape[0], q.shape[1] // 2) and torch.equal(
+        unpack_int4(packed, *q.shape).int(), q.int()
+    )
+
+
+def _int4_group_size(linear: nn.Linear, preferred: int) -> int | None:
+    """The largest accepted group size up to ``preferred`` that tiles the layer, if any."""
+    N, K = linear.weight.shape
+    if N % _INT4_BLOCK_N:
+        return None
+    return next((g for g in _INT4_GROUP_SIZES if g <= preferred and K % g == 0), None)
+
+
+# ---- swapping layers ----------------------------------------------------------------------
+
+
+def _swap_linears(model, make: Callable[[nn.Linear], nn.Module | None]) -> None:
+    """Replace each linear of the decoder, projector and LM head by ``make(linear)``
+    (None keeps it)."""
+    for root in (model.language_model, model.projector):
+        for module in list(root.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and (new := make(child)) is not None:
+                    setattr(module, name, new)
+    if isinstance(model.lm_head, nn.Linear) and (head := make(model.lm_head)) is not None:
+        model.lm_head = head  # a tied embedding keeps its own full-precision table
+
+
+def quantize_int8(model) -> None:
+    """Swap the decoder's, LM head's and projector's linears for ``Int8Linear``."""
+    _swap_linears(model, Int8Linear)
+
+
+def quantize_int4(model, group_size: int = 64) -> None:
+    """Swap the decoder's, LM head's and projector's linears for ``Int4Linear``.
+
+    A layer whose shape the kernel cannot tile stays as it is.
+    """
+    if not _int4_layout_is_known():
+        raise FastVLMError(
+            f"int4 weights are not supported with torch {torch.__version__} (unknown packing); use int8"
+        )
+
+    def make(linear: nn.Linear) -> Int4Linear | None:
+        size = _int4_group_size(linear, group_size)
+        return Int4Linear(linear, size) if size is not None else None
+
+    _swap_linears(model, make)
