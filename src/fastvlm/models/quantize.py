@@ -89,7 +89,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (M, in)
+        x2 = x.reshape(-1, shape[-1]).contiguous()  # (M, in); the kernel needs dense rows
         if x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(
                 x2, self.packed, self.group_size, self.scale_offset.to(x.dtype)
