@@ -135,6 +135,11 @@ def test_int4_kernel_matches_its_dequantized_weight(rows):
     x = torch.randn(rows, 192, generator=g).to(torch.bfloat16)
     eager = torch.nn.functional.linear(x.float(), weight, linear.bias.float())
     assert _rel(quant(x), eager) <= 0.02
+    Int4Linear.kernel_max_rows = 0  # the dequantise + dense matmul path
+    try:
+        assert _rel(quant(x), eager) <= 0.02
+    finally:
+        Int4Linear.kernel_max_rows = 192
     strided = torch.randn(192, rows, generator=g).to(torch.bfloat16).t()  # (rows, 192), not contiguous
     assert (
         _rel(quant(strided), torch.nn.functional.linear(strided.float(), weight, linear.bias.float())) <= 0.02
