@@ -146,6 +146,22 @@ def test_int4_kernel_matches_its_dequantized_weight(rows):
     )
 
 
+@pytest.mark.parametrize("cls", ["Int8Linear", "Int4Linear"])
+def test_quantising_in_row_chunks_spans_chunk_edges(cls):
+    from fastvlm.models import quantize
+
+    linear = torch.nn.Linear(64, 4096 + 192, bias=False)  # two chunks of rows
+    linear.weight.data = torch.randn(4096 + 192, 64, generator=torch.Generator().manual_seed(1))
+    quant = quantize.Int8Linear(linear) if cls == "Int8Linear" else quantize.Int4Linear(linear, 32)
+    if cls == "Int8Linear":
+        weight = quant.qweight.float() * quant.scale.float()[:, None]
+        step = quant.scale.float()[:, None]
+    else:
+        weight = quant.dequantized()
+        step = quant.scale_offset[..., 0].float().t().repeat_interleave(32, dim=1)
+    assert bool(((weight - linear.weight).abs() <= step / 2 + 1e-6).all())
+
+
 def test_int4_unpack_reads_the_kernel_layout():
     from fastvlm.models.quantize import unpack_int4
 

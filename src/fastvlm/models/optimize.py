@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import FastVLMError
 from .quantize import quantize_int4, quantize_int8
 from .qwen2 import MLP, Attention
+from .swap import replace_linears
 
 
 @dataclass(frozen=True)
@@ -182,10 +183,7 @@ def transpose_linears(model) -> None:
         return  # already done
     embed = model.language_model.embed_tokens
     tied = model.lm_head.weight is embed.weight
-    for module in list(model.language_model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, _transposed(child))
+    replace_linears(model.language_model, _transposed)
     model.lm_head = _transposed(model.lm_head)
     if tied:
         # Keep one copy: the embedding reads rows of the transposed head through a view.

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FastVLMError
+from .swap import replace_linears
 
 # ---- int8: one scale per output channel -------------------------------------------------
 
@@ -31,10 +32,15 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        weight = linear.weight.detach()
+        qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], device=weight.device)  # (out,), float32
+        for rows in _row_chunks(weight.shape[0]):
+            w = weight[rows].float()
+            scale[rows] = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            qweight[rows] = torch.round(w / scale[rows, None]).clamp(-127, 127)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale.to(weight.dtype))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -75,16 +81,23 @@ class Int4Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, group_size: int) -> None:
         super().__init__()
-        N, K = linear.weight.shape
-        w = linear.weight.detach().float().view(N, K // group_size, group_size)
-        low, high = w.amin(dim=-1), w.amax(dim=-1)  # (N, K/gs)
-        scale = ((high - low) / 15).clamp(min=1e-8)
-        q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).view(N, K).int()
-        offset = low + 8 * scale  # so that q = 8 maps to the group's midpoint
-        packed = torch._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)  # (N, K/2) uint8
-        self.register_buffer("packed", packed.to(w.device))
+        weight = linear.weight.detach()
+        N, K = weight.shape
+        packed = torch.empty(N, K // 2, dtype=torch.uint8)
+        scale = torch.empty(N, K // group_size)  # float32
+        offset = torch.empty(N, K // group_size)
+        # Row chunks are whole 64-row blocks of the packed layout, so packing them one at
+        # a time gives the same bytes as packing the whole matrix.
+        for rows in _row_chunks(N):
+            w = weight[rows].float().cpu().view(-1, K // group_size, group_size)
+            low, high = w.amin(dim=-1), w.amax(dim=-1)  # (rows, K/gs)
+            step = ((high - low) / 15).clamp(min=1e-8)
+            q = torch.round((w - low[..., None]) / step[..., None]).clamp(0, 15).view(-1, K).int()
+            packed[rows] = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            scale[rows], offset[rows] = step, low + 8 * step  # q = 8 maps to the group's middle
+        self.register_buffer("packed", packed.to(weight.device))
         scale_offset = torch.stack([scale.t(), offset.t()], dim=-1)  # (K/gs, N, 2)
-        self.register_buffer("scale_offset", scale_offset.to(linear.weight.dtype).contiguous())
+        self.register_buffer("scale_offset", scale_offset.to(weight.dtype).contiguous().to(weight.device))
         self.bias = linear.bias
         self.group_size = group_size
         self.in_features, self.out_features = K, N
@@ -145,6 +158,12 @@ def _int4_group_size(linear: nn.Linear, preferred: int) -> int | None:
     return next((g for g in _INT4_GROUP_SIZES if g <= preferred and K % g == 0), None)
 
 
+def _row_chunks(rows: int, size: int = 64 * 64) -> list[slice]:
+    """Slices of at most ``size`` rows: quantising a chunk at a time keeps the float32
+    temporaries small (the LM head in one piece would need several copies of ~0.5 GB)."""
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
 # ---- swapping layers ----------------------------------------------------------------------
 
 
@@ -152,10 +171,7 @@ def _swap_linears(model, make: Callable[[nn.Linear], nn.Module | None]) -> None:
     """Replace each linear of the decoder, projector and LM head by ``make(linear)``
     (None keeps it)."""
     for root in (model.language_model, model.projector):
-        for module in list(root.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and (new := make(child)) is not None:
-                    setattr(module, name, new)
+        replace_linears(root, make)
     if isinstance(model.lm_head, nn.Linear) and (head := make(model.lm_head)) is not None:
         model.lm_head = head  # a tied embedding keeps its own full-precision table
 
