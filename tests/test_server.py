@@ -632,6 +632,25 @@ def test_redirects_are_checked_hop_by_hop(monkeypatch, cat_png):
     assert len(seen) == 1 + images.MAX_REDIRECTS and "redirects more than" in info.value.message
 
 
+def test_a_trickling_image_host_hits_one_overall_deadline(monkeypatch, cat_png):
+    fake_dns(monkeypatch, {"slow.example": "93.184.216.34"})
+
+    class Trickle(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for byte in cat_png:  # each read is quick, the whole never ends in time
+                await asyncio.sleep(0.05)
+                yield bytes([byte])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Trickle())
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    start = time.perf_counter()
+    with pytest.raises(APIError, match="longer than 0.5 s") as info:
+        _fetch("http://slow.example/cat.png", client, fetch_timeout_s=0.5)
+    assert info.value.status == 400 and time.perf_counter() - start < 3
+
+
 def test_plain_http_goes_to_the_checked_address(monkeypatch, cat_png):
     # A name the checked resolver maps to the local image host (and there deemed public):
     # reaching it at all shows httpx did not resolve the name again (DNS rebinding).
@@ -658,7 +677,29 @@ def test_chunked_body_is_capped_too(tiny):
         assert big.status_code == 413, big.text
         assert big.json()["error"]["code"] == "request_too_large"
         assert metrics(server.url)['fastvlm_http_responses_total{code="413"}'] == 1
+        # A small Content-Length next to Transfer-Encoding: chunked must not hide the size.
+        assert b" 413 " in _raw_chunked_post(server.url, chunks, content_length=10).split(b"\r\n")[0]
         assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def _raw_chunked_post(base_url: str, chunks: list[bytes], content_length: int) -> bytes:
+    """POST a chunked body that also claims a Content-Length (httpx never sends both)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
+    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    with socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT) as sock:
+        sock.sendall(head + body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
 
 
 def test_cli_builds_the_app(tiny, tiny_checkpoint_dir):

@@ -80,11 +80,22 @@ def decode_data_uri(url: str, limits: ImageLimits, param: str) -> bytes:
 
 
 async def fetch_image(url: str, limits: ImageLimits, client: httpx.AsyncClient, param: str) -> bytes:
-    """Download an http(s) image with a timeout, reading at most ``max_bytes``.
+    """Download an http(s) image within ``fetch_timeout_s`` in all, reading at most ``max_bytes``.
 
     Redirects are followed here rather than by httpx, so that every hop's URL and host
     are checked before anything is sent to it.
     """
+    # httpx's timeout bounds each connect or read; a host trickling one byte at a time
+    # would hold the request (and its queue slot) far longer without an overall limit.
+    try:
+        return await asyncio.wait_for(_fetch(url, limits, client, param), limits.fetch_timeout_s)
+    except asyncio.TimeoutError:
+        raise _invalid(
+            f"Fetching the image took longer than {limits.fetch_timeout_s:g} s; send it as a data URI.", param
+        ) from None
+
+
+async def _fetch(url: str, limits: ImageLimits, client: httpx.AsyncClient, param: str) -> bytes:
     target = _parse_url(url, param)
     try:
         for _ in range(MAX_REDIRECTS + 1):

@@ -29,8 +29,10 @@ class Guard:
             send = self._counting(send)
         headers = dict(scope.get("headers") or [])
         error = self._check(headers, path)
-        if error is None and b"content-length" not in headers:
+        if error is None and (b"content-length" not in headers or b"transfer-encoding" in headers):
             # A chunked body's size is known only as it arrives: read it here, under the cap.
+            # With both headers the server frames the body as chunked, so Content-Length
+            # says nothing about its size.
             messages = await _read_body(receive, self.max_body_bytes)
             if messages is None:
                 error = self._too_large()
