@@ -77,7 +77,12 @@ def _new_token_budget(request: GenerationRequest, num_prompt_tokens: int, max_se
     """
     budget = request.max_new_tokens
     room = max_seq_len - num_prompt_tokens
-    if request.fit_to_context and room >= 1:  # with no room the error below names the ceiling
+    if request.fit_to_context:
+        if room < 1:  # the caller asked for no particular budget: the prompt alone is too long
+            raise ContextLengthError(
+                f"the prompt is {num_prompt_tokens} tokens, leaving no room under this engine's "
+                f"limit of {max_seq_len} tokens; shorten the conversation"
+            )
         budget = min(budget, room)
     if num_prompt_tokens + budget > max_seq_len:
         raise ContextLengthError(
