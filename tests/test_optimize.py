@@ -170,11 +170,17 @@ def test_int4_unpack_reads_the_kernel_layout():
     assert torch.equal(unpack_int4(packed, 192, 256).int(), q)
 
 
-def test_int8_and_int4_together_are_refused(plain):
+def test_impossible_options_are_refused_before_any_change(plain):
     from fastvlm.errors import FastVLMError
 
+    model = copy.deepcopy(plain)
     with pytest.raises(FastVLMError, match="int8 or int4"):
-        optimize(copy.deepcopy(plain), SpeedOptions(int8=True, int4=True))
+        optimize(model, SpeedOptions(int8=True, int4=True))
+    assert isinstance(model.language_model.layers[0].self_attn.q_proj, torch.nn.Linear)  # not fused
+    # float32's default optimisation transposes the weights that quantising would replace.
+    optimize(model)
+    with pytest.raises(FastVLMError, match="freshly loaded"):
+        optimize(model, SpeedOptions(int4=True))
 
 
 def test_loading_does_not_import_sympy(tiny_checkpoint_dir):

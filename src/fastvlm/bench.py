@@ -269,11 +269,14 @@ def run(args) -> int:
     sides = []
     if ref is not None:
         sides.append(_reference_side(ref))
-    fast = optimize(ours, SpeedOptions())
-    models = {"fastvlm": fast}
     quantized = [bits for bits in ("int8", "int4") if getattr(args, bits)]
-    for bits in quantized:
-        models[f"fastvlm {bits}"] = optimize(copy.deepcopy(fast), SpeedOptions(**{bits: True}))
+    # Each quantised side starts from the loaded model: float32's default optimisation
+    # re-lays out the very weights they replace.
+    variants = {
+        f"fastvlm {bits}": optimize(copy.deepcopy(ours), SpeedOptions(**{bits: True})) for bits in quantized
+    }
+    fast = optimize(ours, SpeedOptions())
+    models = {"fastvlm": fast, **variants}
     for name, model in models.items():
         if args.compile:
             optimize(model, dataclasses.replace(SpeedOptions.off(), compile_vision=True))

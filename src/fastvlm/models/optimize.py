@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from ..errors import FastVLMError
 from .quantize import quantize_int4, quantize_int8
 from .qwen2 import MLP, Attention
 from .swap import replace_linears
+
+if TYPE_CHECKING:
+    from .fastvlm import FastVLM
 
 
 @dataclass(frozen=True)
@@ -46,15 +50,14 @@ class SpeedOptions:
         )
 
 
-def optimize(model, options: SpeedOptions = SpeedOptions()):
+def optimize(model: FastVLM, options: SpeedOptions = SpeedOptions()) -> FastVLM:
     """Apply ``options`` to ``model`` in place and return it."""
+    _check_options(model, options)
     if options.fuse_projections:
         fuse_projections(model.language_model)
     if options.channels_last:
         model.vision_tower.to(memory_format=torch.channels_last)
         model.vision_channels_last = True
-    if options.int8 and options.int4:
-        raise FastVLMError("choose int8 or int4 weights, not both")
     if options.int8:
         quantize_int8(model)
     elif options.int4:
@@ -67,8 +70,27 @@ def optimize(model, options: SpeedOptions = SpeedOptions()):
     return model
 
 
+def _check_options(model: FastVLM, options: SpeedOptions) -> None:
+    """Refuse what cannot work before anything is changed, so a refusal leaves the model as it was."""
+    if options.int8 and options.int4:
+        raise FastVLMError("choose int8 or int4 weights, not both")
+    if not (options.int8 or options.int4):
+        return
+    bits = "int8" if options.int8 else "int4"
+    if model.device.type != "cpu":
+        raise FastVLMError(
+            f"{bits} weights are a CPU option (their kernels are CPU-only); on {model.device.type} "
+            "run the model in its own dtype"
+        )
+    if isinstance(model.lm_head, TransposedLinear):
+        raise FastVLMError(
+            f"this float32 model was already optimised with transposed weights; apply {bits} "
+            "to a freshly loaded model"
+        )
+
+
 def _return_freed_memory() -> None:
-    """Hand the buffers that fusing and re-layout replaced back to the OS.
+    """Hand the buffers that fusing, re-layout and quantising replaced back to the OS.
 
     glibc keeps freed heap chunks for reuse, so without this the weights' old
     copies stay in the resident set (~60 MB for 0.5B) long after they are gone.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from torch import nn
 
 from ..errors import FastVLMError
 from .swap import replace_linears
+
+if TYPE_CHECKING:
+    from .fastvlm import FastVLM
 
 # ---- int8: one scale per output channel -------------------------------------------------
 
@@ -138,16 +142,24 @@ def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
 
 
 @cache
-def _int4_layout_is_known() -> bool:
-    """Whether this torch build packs int4 the way ``unpack_int4`` reads it."""
-    q = torch.randint(0, 16, (2 * _INT4_BLOCK_N, 64), generator=torch.Generator().manual_seed(0))
+def _int4_kernel_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build packs int4 the way ``unpack_int4`` reads it, and its
+    kernel computes, in ``dtype``, what ``Int4Linear.dequantized`` describes."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (2 * _INT4_BLOCK_N, 64), generator=g).int()
+    linear = nn.Linear(256, 2 * _INT4_BLOCK_N, bias=False)
+    x = torch.randn(3, 256, generator=g).to(dtype)
     try:
-        packed = torch._convert_weight_to_int4pack_for_cpu(q.int(), 1)
-    except (RuntimeError, AttributeError):
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        if packed.shape != (q.shape[0], q.shape[1] // 2) or not torch.equal(
+            unpack_int4(packed, *q.shape).int(), q
+        ):
+            return False
+        layer = Int4Linear(linear.to(dtype), group_size=64)
+        got, want = layer(x).float(), F.linear(x.float(), layer.dequantized())
+    except (RuntimeError, AttributeError):  # no such kernel, or not for this dtype
         return False
-    return packed.shape == (q.shape[0], q.shape[1] // 2) and torch.equal(
-        unpack_int4(packed, *q.shape).int(), q.int()
-    )
+    return float((got - want).abs().max()) <= 0.02 * float(want.abs().max())
 
 
 def _int4_group_size(linear: nn.Linear, preferred: int) -> int | None:
@@ -158,16 +170,17 @@ def _int4_group_size(linear: nn.Linear, preferred: int) -> int | None:
     return next((g for g in _INT4_GROUP_SIZES if g <= preferred and K % g == 0), None)
 
 
-def _row_chunks(rows: int, size: int = 64 * 64) -> list[slice]:
+def _row_chunks(rows: int, size: int = 64 * _INT4_BLOCK_N) -> list[slice]:
     """Slices of at most ``size`` rows: quantising a chunk at a time keeps the float32
-    temporaries small (the LM head in one piece would need several copies of ~0.5 GB)."""
+    temporaries small (the LM head in one piece would need several copies of ~0.5 GB).
+    ``size`` stays a multiple of the int4 block, which Int4Linear's packing relies on."""
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 # ---- swapping layers ----------------------------------------------------------------------
 
 
-def _swap_linears(model, make: Callable[[nn.Linear], nn.Module | None]) -> None:
+def _swap_linears(model: FastVLM, make: Callable[[nn.Linear], nn.Module | None]) -> None:
     """Replace each linear of the decoder, projector and LM head by ``make(linear)``
     (None keeps it)."""
     for root in (model.language_model, model.projector):
@@ -176,19 +189,19 @@ def _swap_linears(model, make: Callable[[nn.Linear], nn.Module | None]) -> None:
         model.lm_head = head  # a tied embedding keeps its own full-precision table
 
 
-def quantize_int8(model) -> None:
+def quantize_int8(model: FastVLM) -> None:
     """Swap the decoder's, LM head's and projector's linears for ``Int8Linear``."""
     _swap_linears(model, Int8Linear)
 
 
-def quantize_int4(model, group_size: int = 64) -> None:
+def quantize_int4(model: FastVLM, group_size: int = 64) -> None:
     """Swap the decoder's, LM head's and projector's linears for ``Int4Linear``.
 
     A layer whose shape the kernel cannot tile stays as it is.
     """
-    if not _int4_layout_is_known():
+    if not _int4_kernel_works(model.dtype):
         raise FastVLMError(
-            f"int4 weights are not supported with torch {torch.__version__} (unknown packing); use int8"
+            f"int4 weights do not work with torch {torch.__version__} in {model.dtype}; use int8"
         )
 
     def make(linear: nn.Linear) -> Int4Linear | None:

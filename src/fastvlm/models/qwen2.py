@@ -109,17 +109,19 @@ def decode_attention(
 
     Grouping the query heads that share a key/value head turns GQA into two batched
     matmuls with no repeated K/V copies; for a single query this is much cheaper than
-    SDPA, whose fused kernels are tuned for long queries. It runs in float32: on CPU
-    these small batched matmuls are faster in float32 than in bfloat16, casts included.
+    SDPA, whose fused kernels are tuned for long queries. Scores are float32. On CPU the
+    products run in float32 too: these small batched matmuls are faster in float32 than
+    in bfloat16 there, casts included; elsewhere the casts would only add traffic.
     """
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
-    qg = q.reshape(B, nkv, nh // nkv, hd).float() * hd**-0.5  # (B, nkv, g, hd): g heads per kv head
-    scores = qg @ k.float().transpose(-1, -2)  # (B, nkv, g, S)
+    compute = torch.float32 if q.device.type == "cpu" else q.dtype
+    qg = q.reshape(B, nkv, nh // nkv, hd).to(compute) * hd**-0.5  # (B, nkv, g, hd): g heads per kv head
+    scores = (qg @ k.to(compute).transpose(-1, -2)).float()  # (B, nkv, g, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts
-    probs = scores.softmax(dim=-1)
-    return (probs @ v.float()).to(v.dtype).reshape(B, nh, 1, hd)  # (B, nkv, g, hd) -> (B, nh, 1, hd)
+    probs = scores.softmax(dim=-1).to(compute)
+    return (probs @ v.to(compute)).to(v.dtype).reshape(B, nh, 1, hd)  # (B, nkv, g, hd) -> (B, nh, 1, hd)
 
 
 class MLP(nn.Module):
