@@ -22,6 +22,7 @@ import torch
 
 from .config import FastVLMConfig, TextConfig, VisionConfig
 from .device import resolve_device, resolve_dtype
+from .errors import InputError
 from .models.optimize import SpeedOptions, optimize
 
 SIZES = {  # Qwen2 decoders of the published FastVLM checkpoints
@@ -130,20 +131,23 @@ def _has_transformers() -> bool:
 # ---- measuring --------------------------------------------------------------------------
 
 
-def _inputs(batch: int, prompt_tokens: int, dtype: torch.dtype, device: torch.device):
+def _inputs(config: FastVLMConfig, batch: int, prompt_tokens: int, dtype: torch.dtype, device: torch.device):
+    """Random prompts of ``prompt_tokens`` ids, the image's placeholders after the 5th, and
+    random images at the tower's input size."""
+    images, size = config.num_image_tokens, config.vision.image_size
+    if prompt_tokens < images + 5:
+        raise InputError(f"--prompt-tokens must be at least {images + 5} (the image takes {images})")
     g = torch.Generator().manual_seed(0)
-    text = prompt_tokens - 256
-    ids = torch.randint(0, 150000, (batch, text), generator=g)
-    ids = torch.cat([ids[:, :5], torch.full((batch, 256), IMAGE_TOKEN_ID), ids[:, 5:]], dim=1)
-    px = torch.rand(batch, 3, 1024, 1024, generator=g).to(dtype)
+    ids = torch.randint(0, min(config.text.vocab_size, 150000), (batch, prompt_tokens - images), generator=g)
+    ids[ids == config.image_token_id] = 0
+    ids = torch.cat([ids[:, :5], torch.full((batch, images), config.image_token_id), ids[:, 5:]], dim=1)
+    px = torch.rand(batch, 3, size, size, generator=g).to(dtype)
     return ids.to(device), px.to(device)
 
 
-def _without_image(ids: torch.Tensor) -> torch.Tensor:
-    """``ids`` with its image placeholders replaced by ordinary (random) tokens."""
-    g = torch.Generator().manual_seed(1)
-    filler = torch.randint(0, 150000, ids.shape, generator=g).to(ids.device)
-    return torch.where(ids == IMAGE_TOKEN_ID, filler, ids)
+def _without_image(ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """``ids`` with its image placeholders replaced by an ordinary token (each row's first)."""
+    return torch.where(ids == image_token_id, ids[:, :1], ids)
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -163,15 +167,14 @@ class Side:
         self.name, self.features, self.generate = name, features, generate
         self.samples: dict[str, list[float]] = {}
 
-    def run(self, ids, px, new_tokens: int, device: torch.device) -> None:
+    def run(self, ids, px, text_ids, new_tokens: int, device: torch.device) -> None:
         vision = _timed(lambda: self.features(px), device)
         ttft = _timed(lambda: self.generate(ids, px, 1), device)
-        # Decoding is timed on a text prompt of the same length: the same cache length and
-        # work per token, without two image encodings whose jitter (tens of ms) would
-        # land in the difference.
-        text = _without_image(ids)
-        first = _timed(lambda: self.generate(text, None, 1), device)
-        total = _timed(lambda: self.generate(text, None, new_tokens + 1), device)
+        # Decoding is timed on a text prompt of the same length (``text_ids``): the same
+        # cache length and work per token, without two image encodings whose jitter
+        # (tens of ms) would land in the difference.
+        first = _timed(lambda: self.generate(text_ids, None, 1), device)
+        total = _timed(lambda: self.generate(text_ids, None, new_tokens + 1), device)
         for key, value in (
             ("vision_s", vision),
             ("ttft_s", ttft),
@@ -295,16 +298,17 @@ def run(args) -> int:
         if args.compile:
             optimize(model, dataclasses.replace(SpeedOptions.off(), compile_vision=True))
         sides.append(_ours_side(name, model))
-    ids, px = _inputs(1, args.prompt_tokens, dtype, device)
+    ids, px = _inputs(ours.config, 1, args.prompt_tokens, dtype, device)
+    text_ids = _without_image(ids, ours.config.image_token_id)
     with torch.inference_mode():
         for side in sides:  # warm-up: first calls pay for allocator and kernel selection
-            side.run(ids, px, 2, device)
+            side.run(ids, px, text_ids, 2, device)
             side.samples.clear()
         for _ in range(args.repeats):
             for side in sides:
-                side.run(ids, px, args.new_tokens, device)
+                side.run(ids, px, text_ids, args.new_tokens, device)
         if args.batch:
-            bids, bpx = _inputs(args.batch, args.prompt_tokens, dtype, device)
+            bids, bpx = _inputs(ours.config, args.batch, args.prompt_tokens, dtype, device)
             for side in sides:  # warm-up at this batch size (a compiled tower compiles per shape)
                 side.generate(bids, bpx, 1)
             for _ in range(max(1, args.repeats // 2)):
