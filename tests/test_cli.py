@@ -138,3 +138,49 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_info", interrupted)
     assert cli.main(["info", "anything"]) == 130
     assert capsys.readouterr().err == ""
+
+
+def test_info_on_a_hub_id_fetches_headers_not_weights(tiny, tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from fastvlm.api import describe_checkpoint
+    from fastvlm.checkpoints.safetensors_io import SafetensorsReader
+    from fastvlm.errors import CheckpointError
+
+    asked = {}
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        asked["patterns"] = allow_patterns
+        for path in Path(tiny).iterdir():
+            if path.suffix != ".safetensors":
+                shutil.copy(path, tmp_path)
+        return str(tmp_path)
+
+    def get_safetensors_metadata(repo_id, revision=None):
+        files = {}
+        for path in Path(tiny).glob("*.safetensors"):
+            entries = SafetensorsReader(path).entries
+            tensors = {
+                name: SimpleNamespace(dtype=e["dtype"], shape=e["shape"], data_offsets=e["data_offsets"])
+                for name, e in entries.items()
+            }
+            files[path.name] = SimpleNamespace(tensors=tensors)
+        return SimpleNamespace(files_metadata=files)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    remote, local = describe_checkpoint("someone/tiny-fastvlm"), describe_checkpoint(tiny)
+    assert "*.safetensors" not in asked["patterns"] and "*.json" in asked["patterns"]
+    assert remote["weights"]["parameters_by_dtype"] == local["weights"]["parameters_by_dtype"]
+    assert remote["text"] == local["text"] and remote["vision"] == local["vision"]
+
+    def offline(repo_id, revision=None):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", offline)
+    with pytest.raises(CheckpointError, match="could not read the weight headers of 'someone/tiny-fastvlm'"):
+        describe_checkpoint("someone/tiny-fastvlm")

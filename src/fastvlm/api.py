@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, InputError
@@ -141,15 +142,21 @@ def describe_checkpoint(src: str) -> dict[str, Any]:
     """Architecture from config.json and weight statistics from safetensors headers.
 
     Only the JSON headers of the weight files are read, never the weights, so this is
-    instant even for large checkpoints. A hub id is downloaded first (see ``resolve_checkpoint``).
+    instant even for large checkpoints. For a hub id only the small files are downloaded
+    and the weight headers are fetched with range requests.
     """
     from .checkpoints.formats import read_config_json
-    from .checkpoints.hub import resolve_checkpoint
+    from .checkpoints.hub import hub_safetensors_headers, is_hub_id, resolve_checkpoint
     from .checkpoints.loader import apply_generation_config, weight_files
     from .config import FastVLMConfig
     from .processing import FastVLMProcessor
 
-    folder = resolve_checkpoint(src)
+    if is_hub_id(src):
+        folder = resolve_checkpoint(src, weights=False)
+        weights = _weight_stats(hub_safetensors_headers(str(src)))
+    else:
+        folder = resolve_checkpoint(src)
+        weights = _weight_stats([_local_header(path) for path in weight_files(folder)])
     config = FastVLMConfig.from_dict(read_config_json(folder))
     apply_generation_config(config, folder)
     # The processor's settings, not the tower's nominal size, decide the image size used.
@@ -169,7 +176,7 @@ def describe_checkpoint(src: str) -> dict[str, Any]:
         },
         "image_token_id": config.image_token_id,
         "eos_token_id": config.eos_token_id,
-        "weights": _weight_stats(weight_files(folder)),
+        "weights": weights,
     }
 
 
@@ -177,23 +184,27 @@ _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "
 _SAFETENSORS_DTYPES.update({"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I8": "int8"})
 
 
-def _weight_stats(files) -> dict[str, Any]:
+def _local_header(path: Path) -> tuple[dict | None, int]:
+    """(safetensors header or None for a pickle, file size) of one weight file."""
+    if path.suffix != ".safetensors":
+        return None, path.stat().st_size  # a pickle cannot be inspected without loading it
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 1 << 28:
+                raise ValueError(f"header size {size}")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); re-download it") from exc
+    header.pop("__metadata__", None)
+    return header, path.stat().st_size
+
+
+def _weight_stats(files: list[tuple[dict | None, int]]) -> dict[str, Any]:
+    """Parameter counts by dtype and total bytes from each weight file's (header, size)."""
     params_by_dtype: dict[str, int] = {}
-    total_bytes = 0
-    for path in files:
-        total_bytes += path.stat().st_size
-        if path.suffix != ".safetensors":
-            continue  # a pickle cannot be inspected without loading it
-        try:
-            with open(path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                if not 0 < size < 1 << 28:
-                    raise ValueError(f"header size {size}")
-                header = json.loads(f.read(size))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); re-download it") from exc
-        header.pop("__metadata__", None)
-        for entry in header.values():
+    for header, _ in files:
+        for entry in (header or {}).values():
             dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
             if dtype is None:  # integer buffers (BatchNorm counters) are not parameters
                 continue
@@ -201,6 +212,7 @@ def _weight_stats(files) -> dict[str, Any]:
             for dim in entry["shape"]:
                 count *= dim
             params_by_dtype[dtype] = params_by_dtype.get(dtype, 0) + count
+    total_bytes = sum(size for _, size in files)
     ranked = sorted(params_by_dtype, key=params_by_dtype.get, reverse=True)
     return {
         "dtype": ", ".join(ranked) if ranked else "unknown",  # the most common first
