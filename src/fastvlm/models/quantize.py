@@ -22,10 +22,30 @@ from .swap import replace_linears
 if TYPE_CHECKING:
     from .fastvlm import FastVLM
 
+
+class QuantizedLinear(nn.Module):
+    """What both weight formats share: (…, in) -> (…, out) through ``_matmul`` on rows, plus bias."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, shape[-1]))  # (M, in) -> (M, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 # ---- int8: one scale per output channel -------------------------------------------------
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
     """y = x @ (q * s)^T + b with q int8 (out, in) and one scale per output channel.
 
     The packed kernel is used for a few rows (decoding) with bf16/fp16 activations on
@@ -35,7 +55,7 @@ class Int8Linear(nn.Module):
     packed_max_rows = 16  # above this many input rows, dequantise and use a dense matmul
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
+        super().__init__(linear)
         weight = linear.weight.detach()
         qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
         scale = torch.empty(weight.shape[0], device=weight.device)  # (out,), float32
@@ -45,25 +65,14 @@ class Int8Linear(nn.Module):
             qweight[rows] = torch.round(w / scale[rows, None]).clamp(-127, 127)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale.to(weight.dtype))
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (M, in)
-        if (
-            x2.shape[0] <= self.packed_max_rows
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and x.device.type == "cpu"
-        ):
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
-        else:
-            # Many rows (a prefill): the packed kernel is a matrix-vector kernel and loses
-            # to dequantising once (one fused int8 * scale op) and a dense matmul.
-            y = F.linear(x2, self.qweight * self.scale.to(x.dtype)[:, None])
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        packed = x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
+        if packed and x.shape[0] <= self.packed_max_rows:
+            return torch._weight_int8pack_mm(x, self.qweight, self.scale.to(x.dtype))
+        # Many rows (a prefill): the packed kernel is a matrix-vector kernel and loses
+        # to dequantising once (one fused int8 * scale op) and a dense matmul.
+        return F.linear(x, self.qweight * self.scale.to(x.dtype)[:, None])
 
 
 # ---- int4: a scale and an offset per group of input channels ----------------------------
@@ -72,7 +81,18 @@ _INT4_BLOCK_N = 64  # the CPU packer tiles output channels in blocks of 64
 _INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the kernel accepts
 
 
-class Int4Linear(nn.Module):
+def quantize_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float weights -> q (N, K) int32 in [0, 16), scale and offset (N, K/gs) such
+    that w ~= (q - 8) * scale + offset within each group of ``group_size`` columns."""
+    N, K = w.shape
+    groups = w.view(N, K // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (N, K/gs)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).view(N, K).int()
+    return q, scale, low + 8 * scale  # the offset is where q = 8 lands: the group's middle
+
+
+class Int4Linear(QuantizedLinear):
     """y = x @ W^T + b with W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n], g = k // group_size.
 
     q is 4-bit, stored in the layout of torch's CPU int4 kernel, two values a byte; the
@@ -84,7 +104,7 @@ class Int4Linear(nn.Module):
     kernel_max_rows = 192
 
     def __init__(self, linear: nn.Linear, group_size: int) -> None:
-        super().__init__()
+        super().__init__(linear)
         weight = linear.weight.detach()
         N, K = weight.shape
         packed = torch.empty(N, K // 2, dtype=torch.uint8)
@@ -93,31 +113,20 @@ class Int4Linear(nn.Module):
         # Row chunks are whole 64-row blocks of the packed layout, so packing them one at
         # a time gives the same bytes as packing the whole matrix.
         for rows in _row_chunks(N):
-            w = weight[rows].float().cpu().view(-1, K // group_size, group_size)
-            low, high = w.amin(dim=-1), w.amax(dim=-1)  # (rows, K/gs)
-            step = ((high - low) / 15).clamp(min=1e-8)
-            q = torch.round((w - low[..., None]) / step[..., None]).clamp(0, 15).view(-1, K).int()
+            q, scale[rows], offset[rows] = quantize_groups(weight[rows].float().cpu(), group_size)
             packed[rows] = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-            scale[rows], offset[rows] = step, low + 8 * step  # q = 8 maps to the group's middle
         self.register_buffer("packed", packed.to(weight.device))
         scale_offset = torch.stack([scale.t(), offset.t()], dim=-1)  # (K/gs, N, 2)
         self.register_buffer("scale_offset", scale_offset.to(weight.dtype).contiguous().to(weight.device))
-        self.bias = linear.bias
         self.group_size = group_size
-        self.in_features, self.out_features = K, N
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()  # (M, in); the kernel needs dense rows
-        if x.device.type == "cpu" and x2.shape[0] <= self.kernel_max_rows:
-            y = torch._weight_int4pack_mm_for_cpu(
-                x2, self.packed, self.group_size, self.scale_offset.to(x.dtype)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.shape[0] <= self.kernel_max_rows:
+            rows = x.contiguous()  # the kernel needs dense rows
+            return torch._weight_int4pack_mm_for_cpu(
+                rows, self.packed, self.group_size, self.scale_offset.to(x.dtype)
             )
-        else:
-            y = F.linear(x2, self.dequantized(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized(x.dtype))
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (N, K) weight this layer computes with."""
