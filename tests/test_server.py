@@ -662,6 +662,43 @@ def test_plain_http_goes_to_the_checked_address(monkeypatch, cat_png):
         assert _ImageHost.host == f"images.example:{port}"
 
 
+def test_https_goes_to_the_checked_address_and_verifies_the_name(monkeypatch, cat_png, tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=images.example", "-addext", "subjectAltName=DNS:images.example",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    fake_dns(monkeypatch, {"images.example": "127.0.0.1", "other.example": "127.0.0.1"})
+    monkeypatch.setattr(images, "is_public_address", lambda address: True)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    _ImageHost.image = cat_png
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
+    server.socket = server_tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        trust = ssl.create_default_context(cafile=str(cert))
+        # Reaching 127.0.0.1 at all shows the name was not resolved again; the handshake
+        # succeeding shows the certificate was checked against the name, not the address.
+        got = _fetch(f"https://images.example:{port}/cat.png", httpx.AsyncClient(verify=trust))
+        assert got == cat_png and _ImageHost.host == f"images.example:{port}"
+        with pytest.raises(APIError) as info:  # same address, a name the certificate does not cover
+            _fetch(f"https://other.example:{port}/cat.png", httpx.AsyncClient(verify=trust))
+        assert info.value.status == 400
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_chunked_body_is_capped_too(tiny):
     model, processor = tiny
     with serve(model, processor, max_body_bytes=1 << 20) as server:

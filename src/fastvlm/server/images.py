@@ -186,17 +186,25 @@ def is_public_address(address: IPAddress) -> bool:
 def _get(client: httpx.AsyncClient, url: httpx.URL, address: IPAddress | None, limits: ImageLimits):
     """A streamed GET of ``url`` that leaves redirects to the caller.
 
-    Plain http is sent to the address that was checked, so a DNS answer that changes
-    after the check (rebinding) cannot point it into the private network. https keeps
-    the name for SNI and the certificate check, which a host rebound to some internal
-    server fails; a rebound host that presents a valid certificate for the name is the
-    remaining gap.
+    The connection goes to the address that was checked, so a DNS answer that changes
+    after the check (rebinding) cannot point it into the private network. The name
+    still travels in the Host header and, for https, as the TLS server name, against
+    which the certificate is verified.
     """
-    headers = {}
-    if address is not None and url.scheme == "http":
+    headers, extensions = {}, {}
+    if address is not None:
         headers["Host"] = url.netloc.decode("ascii")
+        if url.scheme == "https":
+            extensions["sni_hostname"] = url.raw_host.decode("ascii")
         url = url.copy_with(host=str(address))
-    return client.stream("GET", url, headers=headers, timeout=limits.fetch_timeout_s, follow_redirects=False)
+    return client.stream(
+        "GET",
+        url,
+        headers=headers,
+        extensions=extensions,
+        timeout=limits.fetch_timeout_s,
+        follow_redirects=False,
+    )
 
 
 async def _read_image(response: httpx.Response, limits: ImageLimits, param: str) -> bytes:
