@@ -30,11 +30,11 @@ class KVCache:
         self.batch_size = batch_size
 
     def write(self, layer: int, rows: slice, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, nkv, T, hd) of cache rows ``rows`` (B of them) at columns ``slots`` (B, T)."""
+        """Store k, v (B, T, nkv, hd) of cache rows ``rows`` (B of them) at columns ``slots`` (B, T)."""
         index = torch.arange(rows.start, rows.stop, device=k.device)[:, None].expand_as(slots)  # (B, T)
         # Advanced indices on dims 0 and 2 put (B, T) first: the target is (B, T, nkv, hd).
-        self.k[layer][index, :, slots] = k.transpose(1, 2)
-        self.v[layer][index, :, slots] = v.transpose(1, 2)
+        self.k[layer][index, :, slots] = k
+        self.v[layer][index, :, slots] = v
 
     def read(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``length`` columns of cache rows ``rows``: views of (B, nkv, length, hd)."""

@@ -138,11 +138,12 @@ class CompiledWithFallback:
 
 
 class FusedLinear(nn.Module):
-    """Several linears on the same input as one matmul; outputs split back in order."""
+    """Several linears on the same input as one matmul; the output is split back into
+    parts of ``sizes`` (default: one per linear)."""
 
-    def __init__(self, linears: list[nn.Linear]) -> None:
+    def __init__(self, linears: list[nn.Linear], sizes: list[int] | None = None) -> None:
         super().__init__()
-        self.sizes = [lin.out_features for lin in linears]
+        self.sizes = sizes or [lin.out_features for lin in linears]
         weight = torch.cat([lin.weight for lin in linears])
         biases = [lin.bias for lin in linears]
         bias = None
@@ -167,7 +168,11 @@ def fuse_projections(lm: nn.Module) -> None:
     for module in lm.modules():
         # Only plain nn.Linear projections are fused (not already fused, transposed or int8).
         if isinstance(module, Attention) and isinstance(getattr(module, "q_proj", None), nn.Linear):
-            module.qkv_proj = FusedLinear([module.q_proj, module.k_proj, module.v_proj])
+            # Split as q|k and v, the two parts Attention.project returns.
+            qk_size = module.q_proj.out_features + module.k_proj.out_features
+            module.qkv_proj = FusedLinear(
+                [module.q_proj, module.k_proj, module.v_proj], [qk_size, module.v_proj.out_features]
+            )
             del module.q_proj, module.k_proj, module.v_proj
         elif isinstance(module, MLP) and isinstance(getattr(module, "gate_proj", None), nn.Linear):
             module.gate_up_proj = FusedLinear([module.gate_proj, module.up_proj])

@@ -50,8 +50,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, nh, T, hd); cos, sin (B, T, hd)."""
-    cos, sin = cos[:, None], sin[:, None]
+    """x (B, T, heads, hd); cos, sin (B, T, hd), the same for every head."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
     return x * cos + _rotate_half(x) * sin
 
 
@@ -67,11 +67,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # models.optimize may replace the three projections by one fused matmul.
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q|k (B, T, (nh + nkv) * hd) and v (B, T, nkv * hd).
+
+        Queries and keys stay one tensor so the rotary embedding runs once on both.
+        models.optimize may replace the three projections by one fused matmul.
+        """
         if hasattr(self, "qkv_proj"):
             return self.qkv_proj(x)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
 
     def forward(
         self,
@@ -84,14 +88,16 @@ class Attention(nn.Module):
         kv_len: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = self.project(x)
+        qk = apply_rotary(qk.view(B, T, nh + nkv, hd), *rope)  # (B, T, nh + nkv, hd)
+        q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:]  # (B, nh, T, hd), (B, T, nkv, hd)
+        v = v.view(B, T, nkv, hd)
         if cache is not None:
             cache.write(self.layer_idx, rows, slots, k, v)
             k, v = cache.read(self.layer_idx, rows, kv_len)  # (B, nkv, S, hd)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nkv, T, hd)
         if T == 1:
             out = decode_attention(q, k, v, mask)
         else:
