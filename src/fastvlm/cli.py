@@ -36,10 +36,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see '{self.prog} --help'")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})"
-    )
+def add_placement_options(p: argparse.ArgumentParser) -> None:
+    """Where the model runs and in what form: shared by every command that loads one."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     weights = p.add_mutually_exclusive_group()
@@ -47,6 +45,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     weights.add_argument(
         "--int4", action="store_true", help="4-bit weight-only decoder (fastest on CPU, coarser)"
     )
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})"
+    )
+    add_placement_options(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=None)

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli import add_placement_options
+
 DEFAULT_MODEL = "apple/FastVLM-0.5B"
 log = logging.getLogger("fastvlm.server")
 
@@ -39,13 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --allow-remote-images, also fetch from loopback, private and link-local addresses",
     )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster decoding)")
-    weights.add_argument(
-        "--int4", action="store_true", help="4-bit weight-only decoder (fastest on CPU, coarser)"
-    )
+    add_placement_options(parser)
     parser.add_argument(
         "--compile",
         action="store_true",
