@@ -11,13 +11,12 @@ streaming and stopping live in ``fastvlm.generation``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, InputError
+from .errors import InputError
 from .generation.engine import Engine, GenerationRequest, GenerationResult, StreamEvent
 from .generation.sampling import SamplingParams
 from .models.optimize import SpeedOptions, optimize
@@ -186,18 +185,12 @@ _SAFETENSORS_DTYPES.update({"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"
 
 def _local_header(path: Path) -> tuple[dict | None, int]:
     """(safetensors header or None for a pickle, file size) of one weight file."""
+    from .checkpoints.safetensors_io import SafetensorsReader
+
     if path.suffix != ".safetensors":
         return None, path.stat().st_size  # a pickle cannot be inspected without loading it
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 1 << 28:
-                raise ValueError(f"header size {size}")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); re-download it") from exc
-    header.pop("__metadata__", None)
-    return header, path.stat().st_size
+    reader = SafetensorsReader(path)  # reads the header only
+    return reader.entries, reader.size
 
 
 def _weight_stats(files: list[tuple[dict | None, int]]) -> dict[str, Any]:

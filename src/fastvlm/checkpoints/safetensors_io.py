@@ -42,7 +42,9 @@ class SafetensorsReader:
                     raise ValueError("header too large")
                 header = json.loads(f.read(length))
         except (OSError, ValueError, struct.error) as exc:
-            raise CheckpointError(f"{self.path} is not a valid safetensors file ({exc})") from exc
+            raise CheckpointError(
+                f"{self.path} is not a valid safetensors file ({exc}); re-download it"
+            ) from exc
         header.pop("__metadata__", None)
         self.data_start = 8 + length
         self.entries: dict[str, dict] = header
