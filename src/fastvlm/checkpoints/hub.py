@@ -37,7 +37,7 @@ def resolve_checkpoint(src: str | os.PathLike, *, revision: str | None = None, w
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder that contains config.json")
     text = str(src)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if not _hub_id_shaped(text):
         raise CheckpointError(
             f"{text!r} is neither a local checkpoint folder nor a hub id like 'apple/FastVLM-0.5B'"
         )
@@ -46,10 +46,12 @@ def resolve_checkpoint(src: str | os.PathLike, *, revision: str | None = None, w
 
 def is_hub_id(src: str | os.PathLike) -> bool:
     """Whether ``resolve_checkpoint`` would treat ``src`` as a hub id."""
-    text = str(src)
-    return (
-        not Path(text).expanduser().exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
-    )
+    return not Path(src).expanduser().exists() and _hub_id_shaped(str(src))
+
+
+def _hub_id_shaped(text: str) -> bool:
+    """``owner/name``: one slash, and not a relative or absolute path."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
 def hub_safetensors_headers(repo_id: str, revision: str | None = None) -> list[tuple[dict, int]]:
