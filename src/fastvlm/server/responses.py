@@ -19,46 +19,24 @@ class Completion:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def body(self, result) -> dict:
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "logprobs": None,
-                    "finish_reason": finish_reason(result.finish_reason),
-                }
-            ],
-            "usage": usage(result.usage),
-            "system_fingerprint": None,
-        }
+        message = {"role": "assistant", "content": result.text}
+        choice = {"index": 0, "message": message, "logprobs": None}
+        choice["finish_reason"] = finish_reason(result.finish_reason)
+        return self._envelope("chat.completion", [choice], usage=usage(result.usage))
 
     def chunk(self, delta: dict, reason: str | None = None, *, with_usage: bool = False) -> dict:
-        body = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
-            "system_fingerprint": None,
-        }
-        if with_usage:  # as OpenAI does: every chunk says usage null until the last one
-            body["usage"] = None
-        return body
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        # As OpenAI does: with usage asked for, every chunk says null until the last one.
+        extra = {"usage": None} if with_usage else {}
+        return self._envelope("chat.completion.chunk", [choice], **extra)
 
     def usage_chunk(self, result) -> dict:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage(result.usage),
-            "system_fingerprint": None,
-        }
+        return self._envelope("chat.completion.chunk", [], usage=usage(result.usage))
+
+    def _envelope(self, kind: str, choices: list[dict], **fields) -> dict:
+        """The keys every body of this response carries, around ``choices`` and ``fields``."""
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        return {**head, "choices": choices, **fields, "system_fingerprint": None}
 
 
 def usage(u) -> dict:
