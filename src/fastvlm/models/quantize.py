@@ -67,8 +67,8 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scale", scale.to(weight.dtype))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        packed = x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
-        if packed and x.shape[0] <= self.packed_max_rows:
+        kernel_ok = x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
+        if kernel_ok and x.shape[0] <= self.packed_max_rows:
             return torch._weight_int8pack_mm(x, self.qweight, self.scale.to(x.dtype))
         # Many rows (a prefill): the packed kernel is a matrix-vector kernel and loses
         # to dequantising once (one fused int8 * scale op) and a dense matmul.
@@ -155,16 +155,15 @@ def _int4_kernel_works(dtype: torch.dtype) -> bool:
     """Whether this torch build packs int4 the way ``unpack_int4`` reads it, and its
     kernel computes, in ``dtype``, what ``Int4Linear.dequantized`` describes."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (2 * _INT4_BLOCK_N, 64), generator=g).int()
-    linear = nn.Linear(256, 2 * _INT4_BLOCK_N, bias=False)
+    linear = nn.Linear(256, 2 * _INT4_BLOCK_N, bias=False).to(dtype)
     x = torch.randn(3, 256, generator=g).to(dtype)
     try:
-        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-        if packed.shape != (q.shape[0], q.shape[1] // 2) or not torch.equal(
-            unpack_int4(packed, *q.shape).int(), q
+        layer = Int4Linear(linear, group_size=64)
+        q = quantize_groups(linear.weight.detach().float(), 64)[0]
+        if layer.packed.shape != (q.shape[0], q.shape[1] // 2) or not torch.equal(
+            unpack_int4(layer.packed, *q.shape).int(), q
         ):
             return False
-        layer = Int4Linear(linear.to(dtype), group_size=64)
         got, want = layer(x).float(), F.linear(x.float(), layer.dequantized())
     except (RuntimeError, AttributeError):  # no such kernel, or not for this dtype
         return False
