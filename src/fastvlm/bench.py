@@ -283,6 +283,9 @@ def run(args) -> int:
     torch.manual_seed(0)
     ours, ref = build_models(args, dtype, device)
     ours.config.eos_token_id = None
+    # Before any copying or optimising: a prompt too short for the image fails fast.
+    ids, px = _inputs(ours.config, 1, args.prompt_tokens, dtype, device)
+    text_ids = _without_image(ids, ours.config.image_token_id)
     sides = []
     if ref is not None:
         sides.append(_reference_side(ref))
@@ -298,8 +301,6 @@ def run(args) -> int:
         if args.compile:
             optimize(model, dataclasses.replace(SpeedOptions.off(), compile_vision=True))
         sides.append(_ours_side(name, model))
-    ids, px = _inputs(ours.config, 1, args.prompt_tokens, dtype, device)
-    text_ids = _without_image(ids, ours.config.image_token_id)
     with torch.inference_mode():
         for side in sides:  # warm-up: first calls pay for allocator and kernel selection
             side.run(ids, px, text_ids, 2, device)
