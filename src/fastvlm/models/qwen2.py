@@ -101,9 +101,8 @@ class Attention(nn.Module):
         if T == 1:
             out = decode_attention(q, k, v, mask)
         else:
-            groups = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(groups, dim=1)
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(nh // nkv, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh*hd) -> (B, T, D)
 
