@@ -16,12 +16,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .checkpoints.hub import DEFAULT_MODEL
 from .errors import InputError
 from .generation.engine import Engine, GenerationRequest, GenerationResult, StreamEvent
 from .generation.sampling import SamplingParams
 from .models.optimize import SpeedOptions, optimize
-
-DEFAULT_MODEL = "apple/FastVLM-0.5B"
 
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 _REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids")

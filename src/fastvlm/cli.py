@@ -17,12 +17,17 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-DEFAULT_MODEL = "apple/FastVLM-0.5B"
+from .checkpoints.hub import DEFAULT_MODEL
+from .cli_options import add_model_source_option, add_placement_options, add_sampling_options
+
 # Commands implemented elsewhere: name -> (module, help). Each module has
 # add_arguments(parser) and run(args) -> int, and is imported only when chosen.
 _DELEGATED = {
     "serve": ("fastvlm.server.cli", "serve an OpenAI-compatible HTTP API"),
     "bench": ("fastvlm.bench", "measure speed"),
+    "batch": ("fastvlm.batch.cli", "answer a prompt about every image of a folder or table"),
+    "finetune": ("fastvlm.training.cli", "fine-tune on your own images (LoRA or full)"),
+    "merge": ("fastvlm.training.merge", "merge a LoRA adapter into its base checkpoint"),
 }
 _NO_IMAGE = ("none", "")
 
@@ -36,28 +41,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see '{self.prog} --help'")
 
 
-def add_placement_options(p: argparse.ArgumentParser) -> None:
-    """Where the model runs and in what form: shared by every command that loads one."""
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster decoding)")
-    weights.add_argument(
-        "--int4", action="store_true", help="4-bit weight-only decoder (fastest on CPU, coarser)"
-    )
-
-
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})"
-    )
+    add_model_source_option(p)
     add_placement_options(p)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    add_sampling_options(p)
 
 
 def _add_debug(p: argparse.ArgumentParser) -> None:

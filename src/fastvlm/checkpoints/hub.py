@@ -11,6 +11,9 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
+# The checkpoint every entry point (load, run, chat, serve, batch, finetune) uses unless told otherwise.
+DEFAULT_MODEL = "apple/FastVLM-0.5B"
+
 # Files a checkpoint folder may hold that we can use; weights of other formats
 # (pickles other than a plain state dict, GGUF, ...) are never fetched.
 _ALLOW_PATTERNS = [

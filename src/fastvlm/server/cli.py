@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import add_placement_options
+from ..checkpoints.hub import DEFAULT_MODEL
+from ..cli_options import add_placement_options
 
-DEFAULT_MODEL = "apple/FastVLM-0.5B"
 log = logging.getLogger("fastvlm.server")
 
 

@@ -1,0 +1,37 @@
+"""Command-line options shared by every command that loads a model.
+
+Each command module (``cli``, ``server.cli``, ...) builds its parser from these, so a
+flag means the same everywhere. This module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .checkpoints.hub import DEFAULT_MODEL
+
+
+def add_model_source_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})"
+    )
+
+
+def add_placement_options(p: argparse.ArgumentParser) -> None:
+    """Where the model runs and in what form."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster decoding)")
+    weights.add_argument(
+        "--int4", action="store_true", help="4-bit weight-only decoder (fastest on CPU, coarser)"
+    )
+
+
+def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
