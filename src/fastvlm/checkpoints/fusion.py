@@ -14,6 +14,7 @@ from functools import cache, partial
 
 import torch
 
+from ..errors import CheckpointError
 from ..models import reparam
 from ..models.reparam import BatchNorm, Kernel
 
@@ -22,6 +23,9 @@ LazyState = dict[str, Lazy]
 
 
 def _pop(state: LazyState, key: str) -> torch.Tensor:
+    # A branch with one of its tensors absent (a truncated or hand-edited checkpoint).
+    if key not in state:
+        raise CheckpointError(f"checkpoint is missing weight {key!r}; is it a complete FastVLM checkpoint?")
     return state.pop(key)().float()
 
 
