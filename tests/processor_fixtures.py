@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import struct
 import zlib
@@ -47,18 +46,6 @@ IMAGE_ENTRY = {
     "single_word": False,
     "special": True,
 }
-
-
-def find_shared_assets() -> Path | None:
-    """``$FASTVLM_SHARED_ASSETS``, else the first ``shared/assets`` beside a parent folder."""
-    env = os.environ.get("FASTVLM_SHARED_ASSETS")
-    if env:
-        return Path(env) if Path(env).is_dir() else None
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "assets"
-        if (candidate / "tokenizer-qwen2" / "vocab.json").is_file():
-            return candidate
-    return None
 
 
 def chat_template(assets: Path) -> str:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from PIL import Image
 
+import builders
 from fastvlm.errors import CheckpointError, ContextLengthError, InputError
 from fastvlm.processing import IMAGE_PLACEHOLDER_ID, FastVLMProcessor, Qwen2Tokenizer
 from processor_fixtures import (
@@ -27,21 +29,13 @@ from processor_fixtures import (
     build_hf_checkpoint,
     build_legacy_hf_checkpoint,
     encode_image,
-    find_shared_assets,
     jpeg_with_orientation,
     png_header_only,
 )
 
-transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation")
-ASSETS = find_shared_assets()
-pytestmark = [
-    pytest.mark.skipif(
-        ASSETS is None,
-        reason="shared assets not found: set FASTVLM_SHARED_ASSETS or put shared/assets beside the repo",
-    ),
-    # The reference decodes files with torchvision.io, which warns that it is deprecated.
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision"),
-]
+ASSETS = builders.shared_assets()  # conftest stops the run when they are missing
+# The reference decodes files with torchvision.io, which warns that it is deprecated.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision")
 IMAGE_NAMES = [
     "000000039769.png",
     "llava_v1_5_radar.jpg",
@@ -336,13 +330,26 @@ def apple(tmp_path_factory) -> FastVLMProcessor:
     return FastVLMProcessor.from_pretrained(folder)
 
 
+# Apple's conv_qwen_2 (llava/conversation.py in apple/ml-fastvlm), written out here rather
+# than taken from our template: SeparatorStyle.QWEN_2 renders system + sep, then
+# role + message + sep for each turn, then the bare assistant role for the reply.
+# predict.py puts "<image>\n" in front of the question of the turn that has the image.
+QWEN_2_SYSTEM = "<|im_start|>system\n"
+QWEN_2_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
+QWEN_2_SEP = "<|im_end|>\n"
+
+
+def conv_qwen_2(turns: list[str], system: str = "You are a helpful assistant.") -> str:
+    prompt = QWEN_2_SYSTEM + system + QWEN_2_SEP
+    for i, message in enumerate(turns):
+        prompt += QWEN_2_ROLES[i % 2] + message + QWEN_2_SEP
+    return prompt + QWEN_2_ROLES[1]
+
+
 def test_apple_prompt_is_conv_qwen_2(apple, ours, slow_pair):
     conversation = user_turn({"type": "image", "image": Image.new("RGB", (4, 4))}, text("What is this?"))
     prompt = apple.apply_chat_template(conversation, tokenize=False)
-    expected = (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
-    )
+    expected = conv_qwen_2(["<image>\nWhat is this?"])
     assert prompt == expected == ours.apply_chat_template(conversation, tokenize=False)
     # tokenizer_image_token: encode the pieces around <image>, join them with the image ids.
     _, reference = slow_pair
@@ -359,13 +366,8 @@ def test_apple_multi_turn_prompt(apple):
         {"role": "assistant", "content": "Un chat."},
         {"role": "user", "content": "Sure?"},
     ]
-    assert apple.apply_chat_template(conversation, tokenize=False) == (
-        "<|im_start|>system\nAnswer in French.<|im_end|>\n"
-        "<|im_start|>user\n<image>\nWhat?<|im_end|>\n"
-        "<|im_start|>assistant\nUn chat.<|im_end|>\n"
-        "<|im_start|>user\nSure?<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
+    expected = conv_qwen_2(["<image>\nWhat?", "Un chat.", "Sure?"], system="Answer in French.")
+    assert apple.apply_chat_template(conversation, tokenize=False) == expected
 
 
 @pytest.mark.parametrize("name", [IMAGE_NAMES[0], IMAGE_NAMES[2]])
