@@ -1,6 +1,13 @@
-"""Fused blocks equal their multi-branch training form (timm's modules as the oracle)."""
+"""Fused blocks equal their multi-branch training form (timm's modules as the oracle).
+
+Each case checks the fused block's output against the training-form block's, and the
+fused weight and bias themselves against timm's own ``reparameterize()``: a bias error
+that the output tolerance would hide still fails.
+"""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -23,10 +30,24 @@ def _fused_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix("vision_tower."): f() for k, f in fuse_vision_state(lazy).items()}
 
 
+def _assert_same_fused_tensors(ours: dict[str, torch.Tensor], timm_fused: torch.nn.Module) -> None:
+    """Every tensor timm's reparameterize() produced equals ours, the conv bias included."""
+    theirs = {k: v for k, v in timm_fused.state_dict().items() if "reparam_conv." in k}
+    assert {k.rsplit(".", 1)[1] for k in theirs} == {"weight", "bias"}
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(
+            ours[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: n + ": " + m
+        )
+
+
 def _check(reference: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor) -> None:
-    fused.load_state_dict(_fused_state(reference))
+    state = _fused_state(reference)
+    fused.load_state_dict(state)
     expected, got = reference(x), fused.eval()(x)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    timm_fused = copy.deepcopy(reference)
+    timm_fused.reparameterize()
+    _assert_same_fused_tensors(state, timm_fused)
 
 
 @pytest.mark.parametrize("k,groups,stride", [(3, 1, 2), (3, 8, 2), (1, 1, 1), (3, 8, 1)])
@@ -58,9 +79,14 @@ def test_repcpe():
 
 
 def test_timm_reparameterize_agrees_with_ours():
-    """Our fusion of a whole block equals timm's own reparameterize()."""
+    """Our fusion of a whole block equals timm's own reparameterize(), weight and bias."""
     block = _randomize(tf.RepMixerBlock(16, kernel_size=3, mlp_ratio=2))
     fused = _fused_state(block)
     block.token_mixer.reparameterize()
-    w = block.token_mixer.reparam_conv.weight
-    assert torch.allclose(fused["token_mixer.reparam_conv.weight"], w, atol=1e-6)
+    _assert_same_fused_tensors(fused, block)
+    # The ConvFFN's BatchNorm, which timm never folds, folded by hand.
+    bn = block.mlp.conv.bn
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    conv = block.mlp.conv.conv.weight
+    torch.testing.assert_close(fused["mlp.conv.weight"], conv * scale[:, None, None, None])  # (C, 1, k, k)
+    torch.testing.assert_close(fused["mlp.conv.bias"], bn.bias - bn.running_mean * scale)
