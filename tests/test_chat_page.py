@@ -1,42 +1,54 @@
 """The chat page in headless Chromium: attach an image, ask, watch the answer stream in.
 
 Needs the ``playwright`` Python package and a Chromium binary; Playwright drives the
-system one (``/usr/bin/chromium`` from Debian's ``chromium`` package, or
-$FASTVLM_CHROMIUM), so no browser download is needed. Skipped when either is missing.
-A screenshot goes to ``artifacts/chat_page.png``.
+system one ($FASTVLM_CHROMIUM if set, else ``/usr/bin/chromium`` from Debian's
+``chromium`` package), so no browser download is needed. Without them the tests skip on
+a workstation but fail with one line when ``CI=true``: a CI image that lost its
+browser must not pass by skipping. A screenshot goes to ``artifacts/chat_page.png``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the server needs the 'server' extra (fastapi, uvicorn)")
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="pip install playwright (the browser itself comes from the system)"
-)
+import builders
+from test_server import MODEL, load_tiny, serve
 
-import builders  # noqa: E402
-from test_server import MODEL, load_tiny, serve  # noqa: E402
+try:
+    from playwright import sync_api
+except ImportError:
+    sync_api = None
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
+IN_CI = os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
 def chromium_path() -> str | None:
-    candidates = [os.environ.get("FASTVLM_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")]
-    candidates += [shutil.which("chromium-browser"), shutil.which("google-chrome")]
+    """$FASTVLM_CHROMIUM when set (even if it does not exist), else the usual system paths."""
+    configured = os.environ.get("FASTVLM_CHROMIUM")
+    if configured is not None:
+        return configured if Path(configured).is_file() else None
+    candidates = ["/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")]
+    candidates.append(shutil.which("google-chrome"))
     return next((c for c in candidates if c and Path(c).is_file()), None)
 
 
 CHROMIUM = chromium_path()
-pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary: apt-get install -y chromium"),
-    pytest.mark.skipif(builders.shared_assets() is None, reason="shared/assets (tokenizer, images) missing"),
-]
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 WAIT_MS = 60_000
 
 # Counts how often the assistant's text changes while it streams.
@@ -54,6 +66,11 @@ def tiny(tiny_checkpoint_dir):
 
 @pytest.fixture(scope="module")
 def browser():
+    # Checked before the model loads: tests list ``browser`` ahead of ``tiny``.
+    if sync_api is None:
+        _unavailable("the playwright package is missing: pip install playwright")
+    if CHROMIUM is None:
+        _unavailable("no Chromium binary: apt-get install -y chromium, or set FASTVLM_CHROMIUM")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
@@ -70,7 +87,7 @@ def ask(page, question: str) -> None:
     )
 
 
-def test_chat_page_streams_an_answer_about_an_image(tiny, browser):
+def test_chat_page_streams_an_answer_about_an_image(browser, tiny):
     model, processor = tiny
     image = builders.shared_assets() / "images" / "000000039769.png"
     with serve(model, processor) as live:
@@ -106,7 +123,7 @@ def test_chat_page_streams_an_answer_about_an_image(tiny, browser):
         page.close()
 
 
-def test_chat_page_asks_for_the_api_key(tiny, browser):
+def test_chat_page_asks_for_the_api_key(browser, tiny):
     model, processor = tiny
     with serve(model, processor, api_key="sekret") as live:
         page = browser.new_page()
@@ -119,3 +136,27 @@ def test_chat_page_asks_for_the_api_key(tiny, browser):
         ask(page, "Hello?")
         assert page.locator(".msg.assistant .text").first.inner_text().strip()
         page.close()
+
+
+def test_a_missing_browser_fails_on_ci():
+    env = {**os.environ, "CI": "true", "FASTVLM_CHROMIUM": "/nonexistent/chromium"}
+    test = f"{__file__}::test_chat_page_asks_for_the_api_key"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1 and "1 error" in run.stdout, run.stdout[-2000:]
+    assert "CI=true but no Chromium binary: apt-get install -y chromium" in run.stdout
+
+
+def test_a_missing_browser_skips_off_ci(monkeypatch):
+    monkeypatch.setitem(globals(), "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="no Chromium"):
+        _unavailable("no Chromium binary")
+    monkeypatch.setitem(globals(), "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="CI=true but no Chromium"):
+        _unavailable("no Chromium binary")

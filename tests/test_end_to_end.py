@@ -13,7 +13,6 @@ from fastvlm import FastVLM
 from fastvlm.processing import FastVLMProcessor
 
 torch.set_grad_enabled(False)
-pytestmark = pytest.mark.skipif(builders.shared_assets() is None, reason="shared/assets not found")
 
 
 @pytest.fixture(scope="module")
