@@ -8,7 +8,29 @@ import pytest
 
 from fastvlm import cli
 
+ACCURACY_KEYS = {
+    "logits_max_rel_diff",
+    "top1_agreement_prompt",
+    "greedy_tokens_equal",
+    "greedy_common_prefix",
+    "greedy_tokens",
+}
+# Bounds for the tiny random-weight checkpoint; a broken quantiser lands near 1.0 / 0.0.
+# Measured: int8 0.014 / 0.99 / 64 of 64, int4 0.25 / 0.91 / 54 of 64.
+LIMITS = {"int8": (0.05, 0.95, 0.75), "int4": (0.5, 0.75, 0.25)}
 
+
+def check_accuracy(bits: str, figures: dict) -> None:
+    max_rel_diff, min_top1, min_equal_share = LIMITS[bits]
+    assert set(figures) == ACCURACY_KEYS
+    assert 0 < figures["logits_max_rel_diff"] <= max_rel_diff, figures
+    assert min_top1 <= figures["top1_agreement_prompt"] <= 1, figures
+    n = figures["greedy_tokens"]
+    assert n > 0 and 0 <= figures["greedy_common_prefix"] <= figures["greedy_tokens_equal"] <= n
+    assert figures["greedy_tokens_equal"] >= min_equal_share * n, figures
+
+
+@pytest.mark.slow
 def test_bench_on_a_checkpoint_prints_a_table_and_json(tiny_checkpoint_dir, capsys):
     args = ["bench", "--model", str(tiny_checkpoint_dir), "--dtype", "fp32", "--repeats", "1"]
     assert cli.main([*args, "--new-tokens", "3", "--batch", "2", "--int8", "--int4"]) == 0
@@ -19,7 +41,9 @@ def test_bench_on_a_checkpoint_prints_a_table_and_json(tiny_checkpoint_dir, caps
     for figures in summary["results"].values():
         assert set(figures) == {"vision_s", "ttft_s", "decode_tok_s", "batch_images_s"}
         assert all(value > 0 for value in figures.values())
-    assert {"int8_accuracy", "int4_accuracy"} <= set(summary)
+    for bits in ("int8", "int4"):
+        check_accuracy(bits, summary[f"{bits}_accuracy"])
+    assert summary["int8_accuracy"]["logits_max_rel_diff"] < summary["int4_accuracy"]["logits_max_rel_diff"]
 
 
 def test_bench_refuses_a_prompt_shorter_than_the_image(tiny_checkpoint_dir, capsys):
@@ -35,3 +59,4 @@ def test_bench_without_reference(tiny_checkpoint_dir, capsys, flag):
     assert cli.main([*args, "--new-tokens", "2", "--dtype", "bf16"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary["results"]) == {"fastvlm", f"fastvlm {flag[2:]}"}
+    assert set(summary[f"{flag[2:]}_accuracy"]) == ACCURACY_KEYS
