@@ -138,6 +138,7 @@ def test_chat_page_asks_for_the_api_key(browser, tiny):
         page.close()
 
 
+@pytest.mark.slow  # a second pytest process: 7-25 s on two busy cores
 def test_a_missing_browser_fails_on_ci():
     env = {**os.environ, "CI": "true", "FASTVLM_CHROMIUM": "/nonexistent/chromium"}
     test = f"{__file__}::test_chat_page_asks_for_the_api_key"
