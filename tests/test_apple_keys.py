@@ -49,13 +49,11 @@ def test_data_file_is_the_generators_output():
 
 
 def test_every_published_tensor_loads_with_its_shape():
+    # The loader refuses a missing, an unconsumed or a mis-shaped tensor (tests below).
     model = _load(PUBLISHED["config"], PUBLISHED["tensors"])
-    cfg = model.config
-    assert (cfg.format, cfg.vision.num_features, cfg.text.hidden_size) == ("llava_qwen2", 3072, 896)
+    assert model.config.format == "llava_qwen2"
+    assert tuple(model.lm_head.weight.shape) == (151936, 896)
     assert model.lm_head.weight is not model.language_model.embed_tokens.weight
-    # The loader assigns every tensor it keeps; a module default left behind would still be
-    # a plain (non-loaded) meta Parameter with requires_grad=True.
-    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_tied_variant_loads_without_lm_head():
