@@ -32,8 +32,7 @@ from PIL import Image  # noqa: E402
 import builders  # noqa: E402
 from fastvlm import FastVLM, InputError  # noqa: E402
 from fastvlm.generation.engine import Engine, GenerationRequest  # noqa: E402
-from fastvlm.processing import FastVLMProcessor  # noqa: E402
-from fastvlm.processing import image_fetch  # noqa: E402
+from fastvlm.processing import FastVLMProcessor, image_fetch  # noqa: E402
 from fastvlm.processing.image_source import ImageLoadOptions, ImageSourceError  # noqa: E402
 from fastvlm.server.app import create_app  # noqa: E402
 from fastvlm.server.serving import ConnectionLimits, uvicorn_config  # noqa: E402
