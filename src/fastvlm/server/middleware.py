@@ -21,6 +21,8 @@ from .metrics import Metrics
 
 BODY_TIMEOUT_S = 60.0
 
+log = logging.getLogger("fastvlm.server")
+
 # The id of the request being handled, for log lines (see ``RequestIdFilter``).
 REQUEST_ID: ContextVar[str] = ContextVar("fastvlm_request_id", default="-")
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:@+=-]{1,128}")
@@ -103,6 +105,7 @@ class Guard:
                 }
                 if counted:
                     self.metrics.http_response(message["status"])
+                log.debug("%s %s -> %d", scope.get("method"), scope.get("path"), message["status"])
             await send(message)
 
         return tagging_send

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4  # the OpenAI limit
 MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
+# Counted before pydantic validates the items: 200,000 messages would take seconds.
+MAX_MESSAGES = 1024  # and as many content parts in all
 
 
 class _Lenient(BaseModel):
@@ -88,6 +91,22 @@ class ChatCompletionRequest(_Lenient):
     # overflows them. vLLM allows (0, 2]; 0.1..10 covers every sensible use.
     repetition_penalty: float | None = Field(default=None, ge=0.1, le=10.0, allow_inf_nan=False)
     ignore_eos: bool = False
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _bounded(cls, messages: Any) -> Any:
+        if isinstance(messages, list):
+            parts = sum(
+                len(m["content"])
+                for m in messages
+                if isinstance(m, dict) and isinstance(m.get("content"), list)
+            )
+            for count, what in ((len(messages), "messages"), (parts, "content parts")):
+                if count > MAX_MESSAGES:
+                    raise PydanticCustomError(
+                        "too_long", f"{count} {what}; at most {MAX_MESSAGES} are accepted in one request"
+                    )
+        return messages
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

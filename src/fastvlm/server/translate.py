@@ -32,7 +32,6 @@ _ROLES = {"developer": "system"}  # the newer name for a system message
 # punctuation merge into at most 16 or so; text longer than this many characters per
 # context token cannot fit, so it is refused without being tokenised.
 CHARS_PER_TOKEN = 16
-MAX_MESSAGES = 1024  # and as many content parts in all
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,6 @@ class Policy:
     default_max_tokens: int = 512
     images: ImageLoadOptions = server_image_options()
     max_images: int = MAX_IMAGES_PER_REQUEST
-    max_messages: int = MAX_MESSAGES
 
     @property
     def max_characters(self) -> int:
@@ -130,15 +128,17 @@ def _texts(body: ChatCompletionRequest) -> Iterator[tuple[str, str]]:
 
 
 def _check_text(body: ChatCompletionRequest, policy: Policy) -> None:
-    """Bound the work before anything is tokenised: messages, parts, images, characters."""
-    if len(body.messages) > policy.max_messages:
-        raise _too_many("messages", f"{len(body.messages)} messages", policy.max_messages)
+    """Bound the work before anything is tokenised: images and characters (the schema
+    bounds the number of messages and parts)."""
     parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content]
-    if len(parts) > policy.max_messages:
-        raise _too_many("messages", f"{len(parts)} content parts", policy.max_messages)
     images = sum(p.type == "image_url" for p in parts)
     if images > policy.max_images:
-        raise _too_many("messages", f"{images} images", policy.max_images)
+        raise APIError(
+            400,
+            f"The request has {images} images; this server accepts at most {policy.max_images}.",
+            param="messages",
+            code="too_many_images",
+        )
     texts = list(_texts(body))
     characters = sum(len(text) for text, _ in texts)
     if characters > policy.max_characters:
@@ -151,15 +151,6 @@ def _check_text(body: ChatCompletionRequest, policy: Policy) -> None:
         )
     for text, param in [*texts, *((s, "stop") for s in body.stop_list()), (body.model, "model")]:
         _check_unicode(text, param)
-
-
-def _too_many(param: str, what: str, limit: int) -> APIError:
-    return APIError(
-        400,
-        f"The request has {what}; this server accepts at most {limit}.",
-        param=param,
-        code="invalid_value",
-    )
 
 
 def _check_unicode(text: str, param: str) -> None:
