@@ -386,6 +386,12 @@ def test_lone_surrogate_in_stop(live):
     refused(post(live.url, _request(stop=["\ud800"])), 400, param="stop")
 
 
+def test_long_stop_strings_and_model_names_are_cut_short(live):
+    refused(post(live.url, _request(stop=["x" * 100_000])), 400, param="stop")
+    error = refused(post(live.url, _request(model="m" * 1_000_000)), 404, param="model")
+    assert len(error["message"]) < 300
+
+
 def test_huge_text_is_refused_before_tokenising_and_streams_carry_on(live):
     with Stream(live.url) as stream:
         start = time.monotonic()
@@ -517,6 +523,14 @@ def test_a_chunked_body_that_stalls_gets_408(live):
             b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mod\r\n'
         )
         assert _closed_within(sock, BODY_TIMEOUT_S + 5).startswith(b"HTTP/1.1 408 ")
+
+
+def test_an_oversized_head_is_refused(live):
+    with _raw(live.url) as sock:
+        # h11 bounds what it buffers of a head still incomplete (a head that arrives
+        # whole in one read is parsed whatever its size).
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 * 1024))
+        assert _closed_within(sock, 5).startswith(b"HTTP/1.1 400 ")
 
 
 def test_idle_keep_alive_connections_are_closed(live):

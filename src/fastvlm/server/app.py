@@ -96,7 +96,9 @@ def create_app(
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict:
         if model != served_model_name:
-            raise APIError(404, f"The model {model!r} does not exist.", param="model", code="model_not_found")
+            raise APIError(
+                404, f"The model {model[:100]!r} does not exist.", param="model", code="model_not_found"
+            )
         return _model_card(served_model_name, started)
 
     @app.get("/health")

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4  # the OpenAI limit
+MAX_STOP_CHARS = 1024
 MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
 # Counted before pydantic validates the items: 200,000 messages would take seconds.
 MAX_MESSAGES = 1024  # and as many content parts in all

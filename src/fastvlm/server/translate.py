@@ -24,7 +24,7 @@ from ..generation.sampling import SamplingParams
 from ..processing.image_source import ImageLoadOptions
 from .errors import APIError, from_input_error
 from .images import MAX_IMAGES_PER_REQUEST, image_bytes, server_image_options
-from .schemas import MAX_STOP_SEQUENCES, ChatCompletionRequest, Message
+from .schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, ChatCompletionRequest, Message
 
 _ROLES = {"developer": "system"}  # the newer name for a system message
 
@@ -87,7 +87,8 @@ async def to_generation_request(
     if body.model != policy.served_model_name:
         raise APIError(
             404,
-            f"The model {body.model!r} does not exist; this server serves {policy.served_model_name!r}.",
+            f"The model {body.model[:100]!r} does not exist; "
+            f"this server serves {policy.served_model_name!r}.",
             param="model",
             code="model_not_found",
         )
@@ -187,6 +188,14 @@ def _stop_strings(body: ChatCompletionRequest) -> list[str]:
         raise APIError(
             400,
             f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.",
+            param="stop",
+            code="invalid_value",
+        )
+    # Every new token is matched against every stop string: keep that cheap.
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(
+            400,
+            f"A stop sequence may have at most {MAX_STOP_CHARS} characters.",
             param="stop",
             code="invalid_value",
         )
