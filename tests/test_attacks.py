@@ -18,6 +18,7 @@ import threading
 import time
 import zlib
 from contextlib import contextmanager
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -162,6 +163,19 @@ def test_images_per_request_are_bounded(live):
         post(live.url, _request(messages=[{"role": "user", "content": parts}])), code="too_many_images"
     )
     assert "9 images" in error["message"] and error["param"] == "messages"
+
+
+def test_image_bytes_per_request_are_bounded(live, cat_png):
+    state = live.server.config.app.state.server
+    policy = state.policy
+    state.policy = replace(policy, max_image_bytes=len(cat_png) + 100)
+    try:
+        parts = [{"type": "image_url", "image_url": {"url": data_uri(cat_png)}}] * 2
+        error = refused(post(live.url, _request(messages=[{"role": "user", "content": parts}])), 413)
+        assert error["code"] == "image_too_large" and error["param"] == "messages"
+        assert post(live.url, _request(messages=image_message(data_uri(cat_png)))).status_code == 200
+    finally:
+        state.policy = policy
 
 
 _SERVER = """

@@ -27,6 +27,7 @@ from .errors import APIError
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000  # e.g. 8000x5000; Pillow itself warns at ~89 Mpx
 MAX_IMAGES_PER_REQUEST = 8
+MAX_REQUEST_IMAGE_BYTES = 48 * 1024 * 1024  # what a 64 MB body of base64 can carry
 FETCH_TIMEOUT_S = 10.0
 
 

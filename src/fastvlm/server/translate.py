@@ -23,7 +23,7 @@ from ..generation.request import GenerationRequest
 from ..generation.sampling import SamplingParams
 from ..processing.image_source import ImageLoadOptions
 from .errors import APIError, from_input_error
-from .images import MAX_IMAGES_PER_REQUEST, image_bytes, server_image_options
+from .images import MAX_IMAGES_PER_REQUEST, MAX_REQUEST_IMAGE_BYTES, image_bytes, server_image_options
 from .schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, ChatCompletionRequest, Message
 
 _ROLES = {"developer": "system"}  # the newer name for a system message
@@ -43,6 +43,7 @@ class Policy:
     default_max_tokens: int = 512
     images: ImageLoadOptions = server_image_options()
     max_images: int = MAX_IMAGES_PER_REQUEST
+    max_image_bytes: int = MAX_REQUEST_IMAGE_BYTES  # all images of one request together
 
     @property
     def max_characters(self) -> int:
@@ -97,6 +98,7 @@ async def to_generation_request(
     max_new_tokens, sampling, stop = _max_new_tokens(body, policy), _sampling(body), _stop_strings(body)
     # Images last: they cost the most to check.
     messages = [await _message(m, i, policy.images, http) for i, m in enumerate(body.messages)]
+    _check_image_bytes(messages, policy)
     try:
         return GenerationRequest(
             messages=messages,
@@ -215,6 +217,25 @@ def _sampling(body: ChatCompletionRequest) -> SamplingParams:
         )
     except InputError as exc:
         raise from_input_error(exc, param=None) from exc
+
+
+def _check_image_bytes(messages: list[dict], policy: Policy) -> None:
+    """A queued request holds its images' bytes: bound them per request, fetched ones too."""
+    total = sum(
+        len(p["image"])
+        for m in messages
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if "image" in p
+    )
+    if total > policy.max_image_bytes:
+        raise APIError(
+            413,
+            f"The request's images total {total / 2**20:.1f} MB; "
+            f"at most {policy.max_image_bytes / 2**20:.1f} MB are accepted.",
+            param="messages",
+            code="image_too_large",
+        )
 
 
 async def _message(message: Message, index: int, options: ImageLoadOptions, http) -> dict:
