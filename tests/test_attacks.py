@@ -28,7 +28,7 @@ pytest.importorskip("fastapi", reason="the server needs the 'server' extra (fast
 import httpx  # noqa: E402
 
 import builders  # noqa: E402
-from fastvlm.server.middleware import REQUEST_ID, RequestIdFilter  # noqa: E402
+from fastvlm.server.request_id import RequestIdFilter  # noqa: E402
 from fastvlm.server.serving import ConnectionLimits  # noqa: E402
 from test_server import (  # noqa: E402
     TIMEOUT,
@@ -481,7 +481,28 @@ def test_request_id_reaches_log_lines(live):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old)
-    assert REQUEST_ID.get() == "-"  # outside a request
+
+
+def test_an_internal_error_is_a_500_with_the_request_id(live, monkeypatch):
+    from fastvlm.server import chat
+
+    async def broken(*args):
+        raise RuntimeError("a bug")
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    handler.addFilter(RequestIdFilter())
+    logging.getLogger("fastvlm.server").addHandler(handler)
+    monkeypatch.setattr(chat, "to_generation_request", broken)
+    try:
+        headers = {"content-type": "application/json", "x-request-id": "bug-7"}
+        response = post(live.url, _request(), headers=headers)
+    finally:
+        logging.getLogger("fastvlm.server").removeHandler(handler)
+    error = refused(response, 500, code="internal_error")
+    assert "RuntimeError" in error["message"] and response.headers["x-request-id"] == "bug-7"
+    assert any(r.request_id == "bug-7" and r.exc_info for r in records)
 
 
 def _raw(url: str) -> socket.socket:

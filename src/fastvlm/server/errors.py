@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, FastVLMError
+from .request_id import HEADER, REQUEST_ID
 
 log = logging.getLogger("fastvlm.server")
 
@@ -119,4 +120,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, f"Internal error: {type(exc).__name__}.", code="internal_error").response()
+        # This handler runs outside the middleware that tags responses: tag this one here.
+        headers = {HEADER: REQUEST_ID.get()}
+        error = APIError(
+            500, f"Internal error: {type(exc).__name__}.", code="internal_error", headers=headers
+        )
+        return error.response()

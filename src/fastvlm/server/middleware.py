@@ -12,31 +12,19 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import re
-import uuid
-from contextvars import ContextVar
+from typing import Any
 
 from .errors import APIError
 from .metrics import Metrics
+from .request_id import HEADER, REQUEST_ID, request_id
 
 BODY_TIMEOUT_S = 60.0
 
 log = logging.getLogger("fastvlm.server")
 
-# The id of the request being handled, for log lines (see ``RequestIdFilter``).
-REQUEST_ID: ContextVar[str] = ContextVar("fastvlm_request_id", default="-")
-_SANE_ID = re.compile(rb"[A-Za-z0-9._:@+=-]{1,128}")
 
 OPEN_PATHS = ("/health", "/", "/favicon.ico")
 OPEN_PREFIXES = ("/static/",)
-
-
-class RequestIdFilter(logging.Filter):
-    """Gives every record a ``request_id`` (``-`` outside a request) for the log format."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get()
-        return True
 
 
 class Guard:
@@ -59,41 +47,37 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        request_id = _request_id(headers.get(b"x-request-id"))
-        token = REQUEST_ID.set(request_id)
-        try:
-            await self._handle(scope, headers, receive, self._sending(send, scope, request_id))
-        finally:
-            REQUEST_ID.reset(token)
+        given = request_id(headers.get(HEADER.encode()))
+        # Not reset afterwards: the value lives in this request's task, where the
+        # framework's last-resort error handler (outside this middleware) still reads it.
+        REQUEST_ID.set(given)
+        await self._handle(scope, headers, receive, self._sending(send, scope, given))
 
     async def _handle(self, scope, headers: dict[bytes, bytes], receive, send) -> None:
         error = self._check(headers, scope.get("path", ""))
         if error is None and (b"content-length" in headers or b"transfer-encoding" in headers):
-            # A chunked body's size is known only as it arrives, so the cap is applied as
-            # it does; with both headers the body is framed as chunked and Content-Length
-            # says nothing about its size.
-            try:
-                messages = await asyncio.wait_for(
-                    _read_body(receive, self.max_body_bytes), self.body_timeout_s
-                )
-            except asyncio.TimeoutError:
-                messages, error = (
-                    [],
-                    _closing(
-                        408,
-                        f"The request body did not arrive within {self.body_timeout_s:g} s.",
-                        "request_timeout",
-                    ),
-                )
-            if messages is None:
-                error = self._too_large()
-            else:
-                receive = _replaying(messages, receive)
+            receive, error = await self._buffered(receive)
         if error is not None:
             return await error.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
-    def _sending(self, send, scope, request_id: str):
+    async def _buffered(self, receive) -> tuple[Any, APIError | None]:
+        """A ``receive`` that replays the whole body, read under the cap and the deadline; or the error.
+
+        A chunked body's size is known only as it arrives, so the cap is applied as it
+        does; with both headers the body is framed as chunked and Content-Length says
+        nothing about its size.
+        """
+        try:
+            messages = await asyncio.wait_for(_read_body(receive, self.max_body_bytes), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            message = f"The request body did not arrive within {self.body_timeout_s:g} s."
+            return receive, _closing(408, message, "request_timeout")
+        if messages is None:
+            return receive, self._too_large()
+        return _replaying(messages, receive), None
+
+    def _sending(self, send, scope, given_id: str):
         """``send`` that adds the x-request-id header and counts /v1 responses."""
         counted = scope.get("path", "").startswith("/v1/")
 
@@ -101,7 +85,7 @@ class Guard:
             if message["type"] == "http.response.start":
                 message = {
                     **message,
-                    "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())],
+                    "headers": [*message.get("headers", []), (HEADER.encode(), given_id.encode())],
                 }
                 if counted:
                     self.metrics.http_response(message["status"])
@@ -137,13 +121,6 @@ class Guard:
 
 def _closing(status: int, message: str, code: str) -> APIError:
     return APIError(status, message, code=code, headers={"Connection": "close"})
-
-
-def _request_id(given: bytes | None) -> str:
-    """The client's x-request-id when it is a short token, else a fresh one."""
-    if given is not None and _SANE_ID.fullmatch(given):
-        return given.decode("ascii")
-    return uuid.uuid4().hex
 
 
 async def _read_body(receive, limit: int) -> list[dict] | None:

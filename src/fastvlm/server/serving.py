@@ -18,7 +18,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .middleware import RequestIdFilter
+from .request_id import RequestIdFilter
 
 HEAD_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5
