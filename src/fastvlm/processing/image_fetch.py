@@ -131,8 +131,8 @@ async def _checked_address(url: httpx.URL, options: ImageLoadOptions, where: str
     if not addresses or not all(is_public_address(a) for a in addresses):
         raise ImageSourceError(
             where,
-            f"cannot fetch the image: the host {url.host!r} is not a public internet host, and only "
-            "those are fetched unless private hosts are allowed; send the image as a data URI",
+            f"cannot fetch the image: the host {url.host!r} is not a public internet host; "
+            "allow private image hosts (allow_private_image_hosts=True) to fetch from it",
             "image_host_forbidden",
         )
     return addresses[0]

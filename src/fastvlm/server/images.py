@@ -79,4 +79,8 @@ async def image_bytes(
 def as_api_error(exc: ImageSourceError, param: str) -> APIError:
     status = 413 if exc.code == "image_too_large" else 400
     detail = exc.detail[:1].upper() + exc.detail[1:]
+    if exc.code == "image_host_forbidden":  # the library's hint names a Python option
+        detail = detail.split("; ")[0] + (
+            ", and this server fetches only from those; send the image as a data:image/...;base64, URI"
+        )
     return APIError(status, f"{detail}.", param=param, code=exc.code)
