@@ -217,3 +217,15 @@ def test_processor_option_reaches_the_loader(tiny_checkpoint_dir):
     default = FastVLMProcessor.from_pretrained(tiny_checkpoint_dir)
     opened = FastVLMProcessor.from_pretrained(tiny_checkpoint_dir, allow_private_image_hosts=True)
     assert not default.image_options.allow_private_hosts and opened.image_options.allow_private_hosts
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["data:image/png,%ZZ\ud800", "data:image/png;base64,\ud800", "https://xn--/", "http://xn--a/",
+     "http://\u00e9.com\ud800/", "http:///x", "http://[::1", "http://256.1.1.1/", "ftp://example.com/x.png",
+     "http://user:pw@example.com/x.png", "data:,", "data:text/plain;base64,aGk="],
+)  # fmt: skip
+def test_malformed_urls_are_input_errors(url):
+    # Each fails with one line, before any name is resolved or any connection is made.
+    with pytest.raises(InputError, match="^image: "):
+        load_rgb_image(url, ImageLoadOptions(), HF_RGB_RULES, "image")

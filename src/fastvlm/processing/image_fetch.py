@@ -71,7 +71,7 @@ async def _fetch(url: str, options: ImageLoadOptions, client: httpx.AsyncClient,
                 if not response.has_redirect_location:
                     return await _read_body(response, options, where)
                 target = _redirect_target(target, response.headers["location"], where)
-    except httpx.InvalidURL as exc:
+    except (httpx.InvalidURL, UnicodeError) as exc:
         # httpx prepares the next request of a redirect itself, even when not following
         # it, and a Location such as "data:..." or "mailto:..." fails there.
         raise ImageSourceError(
@@ -89,7 +89,8 @@ async def _fetch(url: str, options: ImageLoadOptions, client: httpx.AsyncClient,
 def _parse_url(url: str, where: str) -> httpx.URL:
     try:
         parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
+        parsed.host  # noqa: B018 (decodes an IDNA name, which can fail)
+    except (httpx.InvalidURL, UnicodeError) as exc:
         raise ImageSourceError(where, f"the image URL is invalid ({reason(exc)})") from exc
     if parsed.scheme not in ("http", "https"):
         raise ImageSourceError(
@@ -111,7 +112,7 @@ def _parse_url(url: str, where: str) -> httpx.URL:
 def _redirect_target(current: httpx.URL, location: str, where: str) -> httpx.URL:
     try:
         joined = str(current.join(location))
-    except httpx.InvalidURL as exc:
+    except (httpx.InvalidURL, UnicodeError) as exc:
         raise ImageSourceError(where, f"the image host redirected to an invalid URL ({reason(exc)})") from exc
     return _parse_url(joined, where)
 

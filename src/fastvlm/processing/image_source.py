@@ -88,7 +88,10 @@ def decode_data_uri(uri: str, options: ImageLoadOptions, where: str) -> bytes:
         raise too_large(options, where)
     if ";base64" in match["params"].lower():
         return decode_base64(payload, where, "has invalid base64 data")
-    return urllib.parse.unquote_to_bytes(payload)
+    try:
+        return urllib.parse.unquote_to_bytes(payload)
+    except UnicodeError as exc:  # text that UTF-8 cannot hold (a lone surrogate)
+        raise ImageSourceError(where, f"the data URI is not valid text ({reason(exc)})") from exc
 
 
 def decode_base64(text: str, where: str, problem: str) -> bytes:

@@ -50,7 +50,8 @@ class Policy:
         return CHARS_PER_TOKEN * self.context_length
 
 
-# Fields the API has that would change the answer, with the values that change nothing.
+# Fields the API has that would change the answer, with the values that change nothing
+# ("auto" tool choice without tools is no tool call; ``tools`` itself is refused).
 _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("n", lambda v: v in (None, 1), "Only n=1 is supported."),
     ("logprobs", lambda v: not v, "logprobs are not supported by this server."),
@@ -72,9 +73,13 @@ _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
         "frequency_penalty other than 0 is not supported; use repetition_penalty.",
     ),
     ("tools", lambda v: not v, "Tool calls are not supported by this server."),
-    ("tool_choice", lambda v: v in (None, "none"), "Tool calls are not supported by this server."),
+    ("tool_choice", lambda v: v in (None, "none", "auto"), "Tool calls are not supported by this server."),
     ("functions", lambda v: not v, "Function calls are not supported by this server."),
-    ("function_call", lambda v: v in (None, "none"), "Function calls are not supported by this server."),
+    (
+        "function_call",
+        lambda v: v in (None, "none", "auto"),
+        "Function calls are not supported by this server.",
+    ),
     ("audio", lambda v: v is None, "Audio output is not supported by this server."),
     ("modalities", lambda v: v in (None, ["text"]), "Only the 'text' output modality is supported."),
     ("prediction", lambda v: v is None, "Predicted outputs are not supported by this server."),
