@@ -31,6 +31,7 @@ import builders  # noqa: E402
 from fastvlm.server.request_id import RequestIdFilter  # noqa: E402
 from fastvlm.server.serving import ConnectionLimits  # noqa: E402
 from test_server import (  # noqa: E402
+    MODEL,
     TIMEOUT,
     _png,
     _request,
@@ -178,35 +179,22 @@ def test_image_bytes_per_request_are_bounded(live, cat_png):
         state.policy = policy
 
 
-_SERVER = """
-import sys
-from fastvlm import FastVLM
-from fastvlm.generation.engine import Engine
-from fastvlm.processing import FastVLMProcessor
-from fastvlm.server.app import create_app
-from fastvlm.server.serving import serve
-
-folder, port = sys.argv[1], int(sys.argv[2])
-model = FastVLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
-processor = FastVLMProcessor.from_pretrained(folder, allow_remote_images=False, allow_local_images=False)
-app = create_app(Engine(model, processor, max_batch=2), served_model_name="tiny-fastvlm")
-serve(app, host="127.0.0.1", port=port, log_level="warning")
-"""
-
-
 def _peak_rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
 
 
 @contextmanager
-def server_process(folder: Path):
-    """``fastvlm serve``'s app in a process of its own, so its peak memory can be read."""
+def server_process(folder: Path, log: Path):
+    """``fastvlm serve`` in a process of its own, so its peak memory and its log can be read."""
     import fastvlm
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(fastvlm.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(folder), str(port)], env=env)
+    command = [sys.executable, "-m", "fastvlm.server.cli", "--model", str(folder), "--port", str(port)]
+    command += ["--device", "cpu", "--dtype", "float32", "--max-batch", "2", "--served-model-name", MODEL]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
 
@@ -224,9 +212,10 @@ def server_process(folder: Path):
 
 
 @pytest.mark.slow
-def test_memory_stays_bounded(tiny_checkpoint_dir, cat_png):
+def test_memory_stays_bounded(tiny_checkpoint_dir, cat_png, tmp_path):
     """Peak RSS of the server process (VmHWM) grows by little for each attack."""
-    with server_process(tiny_checkpoint_dir) as (url, pid):
+    log = tmp_path / "serve.log"
+    with server_process(tiny_checkpoint_dir, log) as (url, pid):
         # Warm up with an ordinary photo, so the baseline includes the vision tower's work.
         assert post(url, _request(messages=image_message(data_uri(cat_png)))).status_code == 200
         base = _peak_rss_mb(pid)
@@ -244,6 +233,12 @@ def test_memory_stays_bounded(tiny_checkpoint_dir, cat_png):
         refused(text, param="messages", code="context_length_exceeded")
         text_s = time.monotonic() - start
         total = _peak_rss_mb(pid) - base
+        headers = {"content-type": "application/json", "x-request-id": "trace-9"}
+        assert post(url, _request(max_tokens=1), headers=headers).status_code == 200
+    # uvicorn's access line carries the request id too.
+    assert any(
+        "[trace-9]" in line and "POST /v1/chat/completions" in line for line in log.read_text().splitlines()
+    )
     print(
         f"\npeak RSS growth: thin images {images:.0f} MB, all attacks {total:.0f} MB; prompt {text_s:.2f} s"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from dataclasses import dataclass
 
 import uvicorn
@@ -24,6 +25,7 @@ HEAD_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 512
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; larger heads get 400 from h11
+ROOT_FORMAT = "%(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def uvicorn_config(
         port=port,
         http=protocol,
         log_level=log_level,
-        log_config=logging_config(log_level),
+        log_config=logging_config(),
         timeout_keep_alive=limits.keep_alive_s,
         limit_concurrency=limits.max_connections,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
@@ -89,16 +91,31 @@ def serve(
     app, *, host: str, port: int, log_level: str = "info", limits: ConnectionLimits | None = None
 ) -> None:
     """Serve until interrupted (what ``fastvlm serve`` runs)."""
-    uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, limits=limits)).run()
+    config = uvicorn_config(app, host=host, port=port, log_level=log_level, limits=limits)
+    tag_root_handlers(log_level)
+    uvicorn.Server(config).run()
 
 
-def logging_config(log_level: str = "info") -> dict:
-    """uvicorn's logging setup, with the request id in every line, ours included."""
+def logging_config() -> dict:
+    """uvicorn's logging setup (its own loggers only), with the request id in every line."""
     config = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {"request_id": {"()": RequestIdFilter}}
     for formatter in config["formatters"].values():
         formatter["fmt"] = formatter["fmt"].replace("%(levelprefix)s", "%(levelprefix)s [%(request_id)s]", 1)
     for handler in config["handlers"].values():
         handler["filters"] = ["request_id"]
-    config["loggers"]["fastvlm"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
     return config
+
+
+def tag_root_handlers(log_level: str = "info") -> None:
+    """Put the request id into the lines of the root handlers, where ``fastvlm.*`` logs go.
+
+    Done when serving, not when configuring: a process that only builds the app (a
+    test, an embedding application) keeps its logging as it was.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=log_level.upper())
+    for handler in root.handlers:
+        handler.addFilter(RequestIdFilter())
+        handler.setFormatter(logging.Formatter(ROOT_FORMAT))
