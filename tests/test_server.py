@@ -32,10 +32,10 @@ from PIL import Image  # noqa: E402
 import builders  # noqa: E402
 from fastvlm import FastVLM, InputError  # noqa: E402
 from fastvlm.generation.engine import Engine, GenerationRequest  # noqa: E402
-from fastvlm.processing import FastVLMProcessor  # noqa: E402
-from fastvlm.server import images  # noqa: E402
+from fastvlm.processing import FastVLMProcessor, image_fetch  # noqa: E402
+from fastvlm.processing.image_source import ImageLoadOptions, ImageSourceError  # noqa: E402
 from fastvlm.server.app import create_app  # noqa: E402
-from fastvlm.server.errors import APIError  # noqa: E402
+from fastvlm.server.serving import ConnectionLimits, uvicorn_config  # noqa: E402
 
 MODEL = "tiny-fastvlm"
 TIMEOUT = 60.0
@@ -61,10 +61,11 @@ def free_port() -> int:
 class LiveServer:
     """uvicorn in a background thread, stopped (with its engine worker) on exit."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, limits: ConnectionLimits | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        # The configuration ``fastvlm serve`` runs, connection limits included.
+        config = uvicorn_config(app, host="127.0.0.1", port=self.port, log_level="warning", limits=limits)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -87,9 +88,17 @@ class LiveServer:
 
 
 @contextmanager
-def serve(model, processor, *, max_batch: int = 8, engine: Engine | None = None, **app_kwargs):
+def serve(
+    model,
+    processor,
+    *,
+    max_batch: int = 8,
+    engine: Engine | None = None,
+    limits: ConnectionLimits | None = None,
+    **app_kwargs,
+):
     engine = engine or Engine(model, processor, max_batch=max_batch)
-    with LiveServer(create_app(engine, served_model_name=MODEL, **app_kwargs)) as live:
+    with LiveServer(create_app(engine, served_model_name=MODEL, **app_kwargs), limits) as live:
         yield live
 
 
@@ -535,14 +544,14 @@ def test_api_key_and_remote_images(tiny, cat_png):
 
 def fake_dns(monkeypatch, names: dict[str, str]) -> None:
     """Answer for made-up names (there is no DNS here); others (IP literals, localhost) resolve as usual."""
-    real = images.resolve_host
+    real = image_fetch.resolve_host
 
     async def resolve(host: str, port: int) -> list:
         if host in names:
             return [ipaddress.ip_address(names[host])]
         return await real(host, port)
 
-    monkeypatch.setattr(images, "resolve_host", resolve)
+    monkeypatch.setattr(image_fetch, "resolve_host", resolve)
 
 
 @pytest.mark.parametrize(
@@ -552,12 +561,12 @@ def fake_dns(monkeypatch, names: dict[str, str]) -> None:
      "::ffff:10.0.0.1", "2002:a00:1::", "::7f00:1"],
 )  # fmt: skip
 def test_private_and_special_addresses_are_not_public(address):
-    assert not images.is_public_address(ipaddress.ip_address(address))
+    assert not image_fetch.is_public_address(ipaddress.ip_address(address))
 
 
 @pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
 def test_public_addresses_are_public(address):
-    assert images.is_public_address(ipaddress.ip_address(address))
+    assert image_fetch.is_public_address(ipaddress.ip_address(address))
 
 
 def test_remote_images_only_from_public_hosts(tiny, cat_png, monkeypatch):
@@ -581,14 +590,16 @@ def test_remote_images_only_from_public_hosts(tiny, cat_png, monkeypatch):
             errors[image_url] = error = response.json()["error"]
             assert error["code"] == code and "\n" not in error["message"], image_url
             assert error["param"] == "messages[0].content[0].image_url"
-        assert errors[url]["message"].startswith("The image host '127.0.0.1' is not a public internet host")
+        assert errors[url]["message"].startswith(
+            "Cannot fetch the image: the host '127.0.0.1' is not a public internet host"
+        )
         assert _ImageHost.hits == 0
 
 
 def _fetch(url: str, client: httpx.AsyncClient, **limits) -> bytes:
     async def run() -> bytes:
         async with client:
-            return await images.fetch_image(url, images.ImageLimits(allow_remote=True, **limits), client, "p")
+            return await image_fetch.fetch_image(url, ImageLoadOptions(**limits), client, "p")
 
     return asyncio.run(run())
 
@@ -625,11 +636,11 @@ def test_redirects_are_checked_hop_by_hop(monkeypatch, cat_png):
         ("/loop", "invalid_image"),
     ]:
         seen.clear()
-        with pytest.raises(APIError) as info:
+        with pytest.raises(ImageSourceError) as info:
             fetch(path)
-        assert info.value.status == 400 and info.value.code == code, path
+        assert info.value.code == code, path
         assert all(host.startswith("93.184.216.") for host, _ in seen)  # never sent to a refused hop
-    assert len(seen) == 1 + images.MAX_REDIRECTS and "redirects more than" in info.value.message
+    assert len(seen) == 1 + image_fetch.MAX_REDIRECTS and "redirects more than" in info.value.detail
 
 
 def test_a_trickling_image_host_hits_one_overall_deadline(monkeypatch, cat_png):
@@ -646,16 +657,16 @@ def test_a_trickling_image_host_hits_one_overall_deadline(monkeypatch, cat_png):
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     start = time.perf_counter()
-    with pytest.raises(APIError, match="longer than 0.5 s") as info:
-        _fetch("http://slow.example/cat.png", client, fetch_timeout_s=0.5)
-    assert info.value.status == 400 and time.perf_counter() - start < 3
+    with pytest.raises(ImageSourceError, match="longer than 0.5 s"):
+        _fetch("http://slow.example/cat.png", client, timeout_s=0.5)
+    assert time.perf_counter() - start < 3
 
 
 def test_plain_http_goes_to_the_checked_address(monkeypatch, cat_png):
     # A name the checked resolver maps to the local image host (and there deemed public):
     # reaching it at all shows httpx did not resolve the name again (DNS rebinding).
     fake_dns(monkeypatch, {"images.example": "127.0.0.1"})
-    monkeypatch.setattr(images, "is_public_address", lambda address: True)
+    monkeypatch.setattr(image_fetch, "is_public_address", lambda address: True)
     with image_host(cat_png) as url:
         port = url.split(":")[2].split("/")[0]
         assert _fetch(f"http://images.example:{port}/cat.png", httpx.AsyncClient()) == cat_png
@@ -677,7 +688,7 @@ def test_https_goes_to_the_checked_address_and_verifies_the_name(monkeypatch, ca
         check=True, capture_output=True,
     )  # fmt: skip
     fake_dns(monkeypatch, {"images.example": "127.0.0.1", "other.example": "127.0.0.1"})
-    monkeypatch.setattr(images, "is_public_address", lambda address: True)
+    monkeypatch.setattr(image_fetch, "is_public_address", lambda address: True)
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     _ImageHost.image = cat_png
@@ -691,9 +702,8 @@ def test_https_goes_to_the_checked_address_and_verifies_the_name(monkeypatch, ca
         # succeeding shows the certificate was checked against the name, not the address.
         got = _fetch(f"https://images.example:{port}/cat.png", httpx.AsyncClient(verify=trust))
         assert got == cat_png and _ImageHost.host == f"images.example:{port}"
-        with pytest.raises(APIError) as info:  # same address, a name the certificate does not cover
+        with pytest.raises(ImageSourceError, match="cannot fetch"):  # a name the certificate lacks
             _fetch(f"https://other.example:{port}/cat.png", httpx.AsyncClient(verify=trust))
-        assert info.value.status == 400
     finally:
         server.shutdown()
         server.server_close()

@@ -114,6 +114,7 @@ def load(
     revision: str | None = None,
     progress: bool = True,
     speed: SpeedOptions | None = None,
+    allow_private_image_hosts: bool = False,
 ) -> VLM:
     """Load a checkpoint (local folder or hub id, either format) ready to answer questions.
 
@@ -121,7 +122,8 @@ def load(
     native bf16, else fp32). ``speed`` picks the fast paths (default ``SpeedOptions()``:
     fused projections and channels-last vision; ``SpeedOptions(int8=True)`` or
     ``int4=True`` quantise the decoder's weights; ``SpeedOptions.off()`` keeps the plain
-    reference modules).
+    reference modules). Image URLs are fetched from public hosts only unless
+    ``allow_private_image_hosts`` (localhost, LAN, link-local, ...).
     Raises CheckpointError (one line) if it cannot be loaded.
     """
     from .models.fastvlm import FastVLM
@@ -129,7 +131,9 @@ def load(
 
     net = FastVLM.from_pretrained(model, dtype=dtype, device=device, revision=revision, progress=progress)
     optimize(net, SpeedOptions() if speed is None else speed)
-    processor = FastVLMProcessor.from_pretrained(net.source)
+    processor = FastVLMProcessor.from_pretrained(
+        net.source, allow_private_image_hosts=allow_private_image_hosts
+    )
     engine = Engine(
         net, processor, max_batch=max_batch, max_seq_len=max_seq_len, feature_cache_size=feature_cache_size
     )

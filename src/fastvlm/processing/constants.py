@@ -25,3 +25,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 # Remote images: how long to wait and how much to read before giving up.
 DEFAULT_FETCH_TIMEOUT_S = 10.0
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+# Longer sides are refused too, whatever the pixel count: a 1 x 40,000,000 image costs
+# Pillow about 30 bytes a row (over 1 GB) to decode and convert, for one pixel of width.
+# 65535 is also the largest side JPEG can store.
+DEFAULT_MAX_IMAGE_SIDE = 65_535

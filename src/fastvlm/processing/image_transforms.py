@@ -9,6 +9,14 @@ Two resize paths, one per reference:
   original code ran (``Image.resize`` on uint8). It differs from the torch kernel by
   up to 2 intensity levels.
 
+Both bound the work by the output, not the input. A shortest-edge resize of a long,
+thin image is huge (1x5000 pixels becomes 1024 x 5,120,000) only for the centre crop
+to keep 1024 of it; past ``MAX_RESIZE_FACTOR`` crops' worth of pixels, only the kept
+window is resampled (Pillow's resize with a source box, which maps every output pixel
+to the same source position as the full resize). Likewise padding to a square: a
+square side beyond ``MAX_SQUARE_SIDE`` is reached by first shrinking the image. Images
+within those bounds (every ordinary photo) take the reference path, bit for bit.
+
 This module knows nothing about files or URLs; ``images`` decodes sources.
 """
 
@@ -22,8 +30,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import InputError
+
 # PIL resample codes (as stored in preprocessor configs) -> torch interpolate modes.
 _TORCH_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+
+# Resize the whole image while the result has at most this many crops' worth of pixels
+# (aspect ratios up to 16:1 for a square crop); beyond, resample only the crop window.
+MAX_RESIZE_FACTOR = 16
+# Pad to a square of at most this side (4096^2 RGB = 48 MiB); a larger image is shrunk first.
+MAX_SQUARE_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -61,8 +77,16 @@ def preprocess_image(image: Image.Image, settings: ImageSettings) -> torch.Tenso
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode}")
     if settings.pad_to_square:
-        image = expand_to_square(image, _background(settings))
+        image = expand_to_square(_fit_side(image, MAX_SQUARE_SIDE, settings.resample), _background(settings))
     height, width = _resized_size(image.height, image.width, settings)
+    if height * width > MAX_RESIZE_FACTOR * _crop_area(settings):
+        if settings.crop_size is None:
+            raise InputError(
+                f"the image is {image.width}x{image.height}: too elongated to resize without a crop; "
+                "crop it closer to square"
+            )
+        pixels = center_crop(_resize_window(image, (height, width), settings), settings.crop_size)
+        return _rescale_and_normalize(pixels, settings)
     if settings.resize_backend == "pil":
         if (width, height) != image.size:
             image = image.resize((width, height), resample=settings.resample)
@@ -100,6 +124,42 @@ def center_crop(pixels: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
     return pixels[..., top : top + crop_h, left : left + crop_w]
 
 
+def _crop_area(settings: ImageSettings) -> int:
+    height, width = settings.crop_size or settings.size or (settings.shortest_edge,) * 2
+    return height * width
+
+
+def _resize_window(image: Image.Image, size: tuple[int, int], settings: ImageSettings) -> torch.Tensor:
+    """The part of ``image`` resized to ``size`` that the centre crop keeps, as uint8 (3, h, w).
+
+    Pillow's source box keeps each output pixel's source position (and reads the filter's
+    neighbours outside the box), so the window equals that part of the full resize up
+    to rounding; the torch backend's kernel differs from Pillow's by at most 2 levels.
+    """
+    height, width = size
+    (top, out_h), (left, out_w) = _kept(height, settings.crop_size[0]), _kept(width, settings.crop_size[1])
+    scale_y, scale_x = image.height / height, image.width / width  # source pixels per output pixel
+    box = (left * scale_x, top * scale_y, (left + out_w) * scale_x, (top + out_h) * scale_y)
+    window = image.resize((out_w, out_h), resample=settings.resample, box=box)
+    return _to_uint8_tensor(window)  # (3, out_h, out_w); center_crop pads if it is short
+
+
+def _kept(length: int, crop: int) -> tuple[int, int]:
+    """(offset, length) of what ``center_crop`` keeps of ``length`` pixels along one axis."""
+    if crop >= length:
+        return 0, length
+    return int((length - crop) / 2.0), crop
+
+
+def _fit_side(image: Image.Image, side: int, resample: int) -> Image.Image:
+    """``image`` shrunk (aspect kept) so that its longer side is at most ``side``."""
+    longest = max(image.size)
+    if longest <= side:
+        return image
+    width, height = (max(1, round(n * side / longest)) for n in image.size)
+    return image.resize((width, height), resample=resample)
+
+
 def _resized_size(height: int, width: int, settings: ImageSettings) -> tuple[int, int]:
     if settings.shortest_edge is None:
         return settings.size  # type: ignore[return-value]
@@ -120,8 +180,8 @@ def _torch_resize(pixels: torch.Tensor, size: tuple[int, int], resample: int) ->
 
 
 def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+    array = np.array(image, dtype=np.uint8)  # (H, W, 3), a writable copy
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
 def _rescale_and_normalize(pixels: torch.Tensor, settings: ImageSettings) -> torch.Tensor:

@@ -54,6 +54,7 @@ class FastVLMProcessor:
         revision: str | None = None,
         allow_remote_images: bool = True,
         allow_local_images: bool = True,
+        allow_private_image_hosts: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         padding_side: PaddingSide = "left",
     ) -> FastVLMProcessor:
@@ -66,6 +67,7 @@ class FastVLMProcessor:
         options = ImageLoadOptions(
             allow_remote=allow_remote_images,
             allow_local_files=allow_local_images,
+            allow_private_hosts=allow_private_image_hosts,
             max_pixels=max_image_pixels,
         )
         return cls(tokenizer, settings, options)

@@ -23,11 +23,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from ..processing.image_source import ImageLoadOptions
 from .chat import ServerState, chat_completion
 from .errors import APIError, install_error_handlers
-from .images import ImageLimits
+from .images import MAX_IMAGES_PER_REQUEST, server_image_options
 from .metrics import Metrics
-from .middleware import Guard
+from .middleware import BODY_TIMEOUT_S, Guard
 from .schemas import ChatCompletionRequest
 from .translate import Policy
 from .worker import EngineWorker
@@ -44,8 +45,10 @@ def create_app(
     allow_private_image_hosts: bool = False,
     max_queue: int = 64,
     default_max_tokens: int = 512,
-    image_limits: ImageLimits | None = None,
+    image_options: ImageLoadOptions | None = None,
+    max_images: int = MAX_IMAGES_PER_REQUEST,
     max_body_bytes: int = 64 * 1024 * 1024,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """An app that serves ``engine`` (a ``fastvlm.generation.engine.Engine``).
 
@@ -53,14 +56,14 @@ def create_app(
     are fetched only with ``allow_remote_images``, and then from private addresses
     (loopback, LAN, link-local, ...) only with ``allow_private_image_hosts`` as well.
     """
-    limits = replace(
-        image_limits or ImageLimits(),
+    images = replace(
+        image_options or server_image_options(),
         allow_remote=allow_remote_images,
         allow_private_hosts=allow_private_image_hosts,
     )
     metrics = Metrics(max_batch=int(getattr(engine, "max_batch", 1)))
     worker = EngineWorker(engine, max_queue=max_queue, metrics=metrics)
-    policy = Policy(served_model_name, int(engine.max_seq_len), default_max_tokens, limits)
+    policy = Policy(served_model_name, int(engine.max_seq_len), default_max_tokens, images, max_images)
     state = ServerState(worker, policy)
 
     @asynccontextmanager
@@ -77,7 +80,9 @@ def create_app(
     app = FastAPI(title="fastvlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, metrics=metrics
+    )
     started = int(time.time())
 
     @app.post("/v1/chat/completions")
@@ -91,7 +96,9 @@ def create_app(
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict:
         if model != served_model_name:
-            raise APIError(404, f"The model {model!r} does not exist.", param="model", code="model_not_found")
+            raise APIError(
+                404, f"The model {model[:100]!r} does not exist.", param="model", code="model_not_found"
+            )
         return _model_card(served_model_name, started)
 
     @app.get("/health")

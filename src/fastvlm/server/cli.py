@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted. Bad options or checkpoints raise FastVLMError (one line)."""
-    import uvicorn
+    from .serving import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     check_arguments(args)
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.allow_private_image_hosts and not args.allow_remote_images:
         log.warning("--allow-private-image-hosts does nothing without --allow-remote-images")
     app = build_app(args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

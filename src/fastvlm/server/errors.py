@@ -16,12 +16,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, FastVLMError
+from .request_id import HEADER, REQUEST_ID
 
 log = logging.getLogger("fastvlm.server")
 
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    408: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -60,7 +62,17 @@ def from_input_error(exc: FastVLMError, param: str | None = "messages") -> APIEr
     return APIError(400, str(exc), param=param, code=code)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(request: Request, exc: RequestValidationError) -> APIError:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if request.method == "POST" and not (media == "application/json" or media.endswith("+json")):
+        # FastAPI reads a body as JSON only when the header says so; otherwise pydantic
+        # would complain about the shape of something the client never meant.
+        given = f"'{media}'" if media else "none"
+        return APIError(
+            400,
+            f"The request body must be JSON, sent with 'Content-Type: application/json' (got {given}).",
+            code="invalid_content_type",
+        )
     errors = exc.errors()
     if errors and errors[0].get("type") == "json_invalid":
         reason = (errors[0].get("ctx") or {}).get("error", "invalid JSON")
@@ -98,7 +110,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return _validation_error(request, exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -108,4 +120,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, f"Internal error: {type(exc).__name__}.", code="internal_error").response()
+        # This handler runs outside the middleware that tags responses: tag this one here.
+        headers = {HEADER: REQUEST_ID.get()}
+        error = APIError(
+            500, f"Internal error: {type(exc).__name__}.", code="internal_error", headers=headers
+        )
+        return error.response()

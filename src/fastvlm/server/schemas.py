@@ -1,24 +1,34 @@
 """The request body of ``POST /v1/chat/completions``, as the OpenAI API defines it.
 
-Only the shape is checked here (types, ranges that do not depend on the model).
-Whether the model can honour a request (context length, image limits) is decided
-later. Fields the API has but this server ignores (``user``, ``metadata``, ...) are
-accepted and dropped so that stock clients work; fields that would silently change
-the meaning of the answer (``tools``, ``logprobs``, ``n`` > 1) are refused in
-``translate``.
+Only the shape is checked here: types, strictly (``"4"``, ``true`` or ``3.0`` is not a
+token count, ``"yes"`` is not a boolean), and ranges that do not depend on the model,
+tight enough that no value can turn the logits into NaN or overflow a seed. Whether
+the model can honour a request (context length, image limits) is decided later.
+Fields the API has but this server ignores because they change nothing in the answer
+(``user``, ``metadata``, ``store``, ...) are accepted and dropped so that stock
+clients work; fields that would change the answer (``tools``, ``logit_bias``,
+``response_format``, ``logprobs``, ``n`` > 1, ...) are declared here so that
+``translate`` can refuse them by name.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4  # the OpenAI limit
+MAX_STOP_CHARS = 1024
+MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
+# Counted before pydantic validates the items: 200,000 messages would take seconds.
+MAX_MESSAGES = 1024  # and as many content parts in all
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Unknown keys are dropped; known ones must have exactly the declared JSON type."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ImageURL(_Lenient):
@@ -51,23 +61,53 @@ class StreamOptions(_Lenient):
 class ChatCompletionRequest(_Lenient):
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # the range depends on the context: see translate
     max_completion_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=-MAX_SEED - 1, le=MAX_SEED)
     stop: str | list[str] | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # Refused when set: the server cannot honour them.
+    # Change the answer; refused in translate unless set to their no-op value.
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
     # Extensions that vLLM and llama.cpp also accept.
-    top_k: int | None = Field(default=None, ge=0)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    top_k: int | None = Field(default=None, ge=0, le=1_000_000)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    # transformers' CTRL penalty divides (or multiplies) logits by this: far from 1 it
+    # overflows them. vLLM allows (0, 2]; 0.1..10 covers every sensible use.
+    repetition_penalty: float | None = Field(default=None, ge=0.1, le=10.0, allow_inf_nan=False)
     ignore_eos: bool = False
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _bounded(cls, messages: Any) -> Any:
+        if isinstance(messages, list):
+            parts = sum(
+                len(m["content"])
+                for m in messages
+                if isinstance(m, dict) and isinstance(m.get("content"), list)
+            )
+            for count, what in ((len(messages), "messages"), (parts, "content parts")):
+                if count > MAX_MESSAGES:
+                    raise PydanticCustomError(
+                        "too_long", f"{count} {what}; at most {MAX_MESSAGES} are accepted in one request"
+                    )
+        return messages
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

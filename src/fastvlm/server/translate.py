@@ -1,27 +1,37 @@
 """An OpenAI chat request -> the engine's ``GenerationRequest``.
 
 Everything the API promises to refuse with a 4xx is refused here, before the request
-takes a place in the queue: unknown model, unsupported options, bad token budgets,
-bad or oversized images. Images become file bytes (see ``images``); the engine
-decodes them in the worker. The context-length check needs the tokenized prompt, so
-the engine does that one (``ContextLengthError`` -> 400).
+takes a place in the queue: unknown model, options that would change the answer but
+are not honoured, bad token budgets, too much text or too many messages or images
+(all bounded before anything is tokenised), text that is not valid Unicode, bad or
+oversized images. Images become file bytes (see ``images``); the engine decodes them.
+The exact context-length check needs the tokenized prompt, so the engine does that
+one (``ContextLengthError`` -> 400); the character bound here keeps that tokenisation
+cheap.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-import anyio
 import httpx
 
 from ..errors import InputError
 from ..generation.request import GenerationRequest
 from ..generation.sampling import SamplingParams
+from ..processing.image_source import ImageLoadOptions
 from .errors import APIError, from_input_error
-from .images import ImageLimits, check_image, decode_data_uri, fetch_image, is_remote
-from .schemas import MAX_STOP_SEQUENCES, ChatCompletionRequest, Message
+from .images import MAX_IMAGES_PER_REQUEST, MAX_REQUEST_IMAGE_BYTES, image_bytes, server_image_options
+from .schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, ChatCompletionRequest, Message
 
 _ROLES = {"developer": "system"}  # the newer name for a system message
+
+# A Qwen2 token is rarely more than a few characters, and runs of whitespace or
+# punctuation merge into at most 16 or so; text longer than this many characters per
+# context token cannot fit, so it is refused without being tokenised.
+CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,50 @@ class Policy:
     served_model_name: str
     context_length: int
     default_max_tokens: int = 512
-    images: ImageLimits = ImageLimits()
+    images: ImageLoadOptions = server_image_options()
+    max_images: int = MAX_IMAGES_PER_REQUEST
+    max_image_bytes: int = MAX_REQUEST_IMAGE_BYTES  # all images of one request together
+
+    @property
+    def max_characters(self) -> int:
+        return CHARS_PER_TOKEN * self.context_length
+
+
+# Fields the API has that would change the answer, with the values that change nothing
+# ("auto" tool choice without tools is no tool call; ``tools`` itself is refused).
+_UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("n", lambda v: v in (None, 1), "Only n=1 is supported."),
+    ("logprobs", lambda v: not v, "logprobs are not supported by this server."),
+    ("top_logprobs", lambda v: not v, "top_logprobs are not supported by this server."),
+    ("logit_bias", lambda v: not v, "logit_bias is not supported by this server; leave it out."),
+    (
+        "response_format",
+        lambda v: v is None or v.get("type") == "text",
+        'response_format other than {"type": "text"} is not supported by this server.',
+    ),
+    (
+        "presence_penalty",
+        lambda v: not v,
+        "presence_penalty other than 0 is not supported; use repetition_penalty.",
+    ),
+    (
+        "frequency_penalty",
+        lambda v: not v,
+        "frequency_penalty other than 0 is not supported; use repetition_penalty.",
+    ),
+    ("tools", lambda v: not v, "Tool calls are not supported by this server."),
+    ("tool_choice", lambda v: v in (None, "none", "auto"), "Tool calls are not supported by this server."),
+    ("functions", lambda v: not v, "Function calls are not supported by this server."),
+    (
+        "function_call",
+        lambda v: v in (None, "none", "auto"),
+        "Function calls are not supported by this server.",
+    ),
+    ("audio", lambda v: v is None, "Audio output is not supported by this server."),
+    ("modalities", lambda v: v in (None, ["text"]), "Only the 'text' output modality is supported."),
+    ("prediction", lambda v: v is None, "Predicted outputs are not supported by this server."),
+    ("web_search_options", lambda v: v is None, "Web search is not supported by this server."),
+]
 
 
 async def to_generation_request(
@@ -40,14 +93,17 @@ async def to_generation_request(
     if body.model != policy.served_model_name:
         raise APIError(
             404,
-            f"The model {body.model!r} does not exist; this server serves {policy.served_model_name!r}.",
+            f"The model {body.model[:100]!r} does not exist; "
+            f"this server serves {policy.served_model_name!r}.",
             param="model",
             code="model_not_found",
         )
     _refuse_unsupported(body)
+    _check_text(body, policy)
     max_new_tokens, sampling, stop = _max_new_tokens(body, policy), _sampling(body), _stop_strings(body)
     # Images last: they cost the most to check.
     messages = [await _message(m, i, policy.images, http) for i, m in enumerate(body.messages)]
+    _check_image_bytes(messages, policy)
     try:
         return GenerationRequest(
             messages=messages,
@@ -63,16 +119,60 @@ async def to_generation_request(
 
 
 def _refuse_unsupported(body: ChatCompletionRequest) -> None:
-    if body.n not in (None, 1):
-        raise APIError(400, "Only n=1 is supported.", param="n", code="invalid_value")
-    if body.tools:
+    for name, harmless, message in _UNSUPPORTED:
+        if not harmless(getattr(body, name)):
+            raise APIError(400, message, param=name, code="unsupported_parameter")
+
+
+def _texts(body: ChatCompletionRequest) -> Iterator[tuple[str, str]]:
+    """(text, param) for every piece of text in the messages."""
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, str):
+            yield message.content, f"messages[{i}].content"
+        elif message.content is not None:
+            for j, part in enumerate(message.content):
+                if part.type == "text":
+                    yield part.text, f"messages[{i}].content[{j}].text"
+
+
+def _check_text(body: ChatCompletionRequest, policy: Policy) -> None:
+    """Bound the work before anything is tokenised: images and characters (the schema
+    bounds the number of messages and parts)."""
+    parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content]
+    images = sum(p.type == "image_url" for p in parts)
+    if images > policy.max_images:
         raise APIError(
-            400, "Tool calls are not supported by this server.", param="tools", code="invalid_value"
+            400,
+            f"The request has {images} images; this server accepts at most {policy.max_images}.",
+            param="messages",
+            code="too_many_images",
         )
-    if body.logprobs:
+    texts = list(_texts(body))
+    characters = sum(len(text) for text, _ in texts)
+    if characters > policy.max_characters:
         raise APIError(
-            400, "logprobs are not supported by this server.", param="logprobs", code="invalid_value"
+            400,
+            f"The messages hold {characters} characters; at most {policy.max_characters} are accepted "
+            f"({CHARS_PER_TOKEN} per token of the {policy.context_length}-token context). Shorten them.",
+            param="messages",
+            code="context_length_exceeded",
         )
+    for text, param in [*texts, *((s, "stop") for s in body.stop_list()), (body.model, "model")]:
+        _check_unicode(text, param)
+
+
+def _check_unicode(text: str, param: str) -> None:
+    # JSON can spell a lone UTF-16 surrogate ("\ud800"); no tokenizer can encode it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(
+            400,
+            f"'{param}' contains an unpaired UTF-16 surrogate ({text[exc.start]!r} at character "
+            f"{exc.start}); send valid Unicode text.",
+            param=param,
+            code="invalid_value",
+        ) from None
 
 
 def _max_new_tokens(body: ChatCompletionRequest, policy: Policy) -> int:
@@ -98,6 +198,14 @@ def _stop_strings(body: ChatCompletionRequest) -> list[str]:
             param="stop",
             code="invalid_value",
         )
+    # Every new token is matched against every stop string: keep that cheap.
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(
+            400,
+            f"A stop sequence may have at most {MAX_STOP_CHARS} characters.",
+            param="stop",
+            code="invalid_value",
+        )
     return stop
 
 
@@ -116,7 +224,26 @@ def _sampling(body: ChatCompletionRequest) -> SamplingParams:
         raise from_input_error(exc, param=None) from exc
 
 
-async def _message(message: Message, index: int, limits: ImageLimits, http) -> dict:
+def _check_image_bytes(messages: list[dict], policy: Policy) -> None:
+    """A queued request holds its images' bytes: bound them per request, fetched ones too."""
+    total = sum(
+        len(p["image"])
+        for m in messages
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if "image" in p
+    )
+    if total > policy.max_image_bytes:
+        raise APIError(
+            413,
+            f"The request's images total {total / 2**20:.1f} MB; "
+            f"at most {policy.max_image_bytes / 2**20:.1f} MB are accepted.",
+            param="messages",
+            code="image_too_large",
+        )
+
+
+async def _message(message: Message, index: int, options: ImageLoadOptions, http) -> dict:
     role = _ROLES.get(message.role, message.role)
     content = message.content
     if content is None or isinstance(content, str):
@@ -127,17 +254,5 @@ async def _message(message: Message, index: int, limits: ImageLimits, http) -> d
             parts.append({"type": "text", "text": part.text})
             continue
         param = f"messages[{index}].content[{j}].image_url"
-        parts.append({"type": "image", "image": await _image_bytes(part.image_url.url, limits, http, param)})
+        parts.append({"type": "image", "image": await image_bytes(part.image_url.url, options, http, param)})
     return {"role": role, "content": parts}
-
-
-async def _image_bytes(url: str, limits: ImageLimits, http, param: str) -> bytes:
-    if is_remote(url) and limits.allow_remote:
-        if http is None:
-            raise APIError(
-                400, "Remote images are not available.", param=param, code="remote_images_disabled"
-            )
-        data = await fetch_image(url, limits, http, param)
-        return await anyio.to_thread.run_sync(check_image, data, limits, param)
-    # Decoding base64 (up to 20 MB) is CPU work: keep it off the event loop.
-    return await anyio.to_thread.run_sync(decode_data_uri, url, limits, param)
