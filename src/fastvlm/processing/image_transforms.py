@@ -58,6 +58,12 @@ class ImageSettings:
 
 def preprocess_image(image: Image.Image, settings: ImageSettings) -> torch.Tensor:
     """An RGB image -> float32 tensor (3, H, W)."""
+    return normalize_pixels(resize_and_crop(image, settings), settings)
+
+
+def resize_and_crop(image: Image.Image, settings: ImageSettings) -> torch.Tensor:
+    """An RGB image -> uint8 tensor (3, H, W): every step of ``preprocess_image`` but the
+    rescale and normalisation, so a server can hold a queued image at a quarter of the size."""
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode}")
     if settings.pad_to_square:
@@ -73,7 +79,7 @@ def preprocess_image(image: Image.Image, settings: ImageSettings) -> torch.Tenso
             pixels = _torch_resize(pixels, (height, width), settings.resample)
     if settings.crop_size is not None:
         pixels = center_crop(pixels, settings.crop_size)
-    return _rescale_and_normalize(pixels, settings)
+    return pixels
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -124,7 +130,8 @@ def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
-def _rescale_and_normalize(pixels: torch.Tensor, settings: ImageSettings) -> torch.Tensor:
+def normalize_pixels(pixels: torch.Tensor, settings: ImageSettings) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) from ``resize_and_crop`` -> what the model takes (float32)."""
     values = pixels.to(torch.float32)
     scale = settings.rescale_factor
     if settings.mean is None or settings.std is None:
