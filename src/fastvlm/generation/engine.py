@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 
 import torch
 
 from ..errors import CheckpointError, FastVLMError, InputError
+from .drivers import Drivers
 from .feature_cache import DEFAULT_MAX_BYTES, FeatureCache, gather_features
 from .prepare import DEFAULT_MAX_IMAGES, PreparedRequest, PrepareLimits, prepare_request
 from .request import GenerationRequest, GenerationResult, StreamEvent, Timings, Usage
@@ -57,7 +57,7 @@ class GenerationError(RuntimeError):
     """Model compute failed for a request (it may work on a retry): the error of its failed event."""
 
 
-class Engine:
+class Engine(Drivers):
     """Continuous batching over one preallocated KV cache of ``max_batch`` rows.
 
     ``max_seq_len`` (prompt + new tokens per request) defaults to 4096 and is capped at
@@ -104,7 +104,7 @@ class Engine:
         self.limits = PrepareLimits(
             max_seq_len=self.max_seq_len,
             max_images=max_images_per_request,
-            max_token_chars=max(map(len, tokenizer.get_vocab()), default=1),
+            max_token_chars=_longest_token(tokenizer),
             hash_images=self.feature_cache.enabled,
         )
         self.default_stop_token_ids = default_stop_token_ids(
@@ -270,59 +270,6 @@ class Engine:
             seq.fail(error, time.perf_counter())
             out.emit(seq, "")
 
-    # -- convenience drivers: they own the step loop, so don't mix them with another one ---
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Run ``requests`` together to completion; results in the order given.
-
-        A request that fails raises its error (the others are cancelled).
-        """
-        ids: list[str] = []
-        results: dict[str, GenerationResult] = {}
-        try:
-            for request in requests:
-                ids.append(self.add_request(request))
-            while len(results) < len(ids):
-                for event in self.step():
-                    if event.finished and event.request_id in ids:
-                        _raise_failure(event)
-                        results[event.request_id] = event.result
-        finally:
-            self._abandon(set(ids) - set(results))
-        return [results[i] for i in ids]
-
-    def stream_events(self, request: GenerationRequest) -> Iterator[StreamEvent]:
-        """Events of one request as it runs; the last one is finished and holds the result.
-
-        The request is added (and checked) now, so bad input raises here, not on first
-        use; a failure while it runs raises from the iterator.
-        """
-        return self._follow(self.add_request(request))
-
-    def stream(self, request: GenerationRequest) -> Iterator[str]:
-        """Text pieces of one request (complete UTF-8); joined they equal the result text."""
-        return _texts(self.stream_events(request))
-
-    def _follow(self, request_id: str) -> Iterator[StreamEvent]:
-        finished = False
-        try:
-            while not finished:
-                for event in self.step():
-                    if event.request_id == request_id:
-                        finished = event.finished
-                        _raise_failure(event)
-                        yield event
-        finally:
-            if not finished:
-                self._abandon({request_id})
-
-    def _abandon(self, request_ids: set[str]) -> None:
-        """A driver was closed early (or failed): cancel its requests and free their rows."""
-        now = time.perf_counter()
-        for seq in filter(None, map(self.scheduler.get, request_ids)):
-            if not seq.finished:
-                seq.finish("cancelled", now)
-        self.stats["requests_finished"] += len(self.scheduler.release_finished())
-
 
 def _compute_error(stage: str, exc: Exception) -> Exception:
     """A model call's failure as a request's error: our typed errors as they are."""
@@ -333,15 +280,7 @@ def _compute_error(stage: str, exc: Exception) -> Exception:
     return error
 
 
-def _raise_failure(event: StreamEvent) -> None:
-    if event.error is not None:
-        raise event.error
-
-
-def _texts(events: Iterator[StreamEvent]) -> Iterator[str]:
-    try:
-        for event in events:
-            if event.text:
-                yield event.text
-    finally:
-        events.close()  # closing the text stream must cancel the request at once
+def _longest_token(tokenizer) -> int:
+    """Characters in the longest token (its byte-level form has at least as many)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return max(map(len, vocab), default=1024)  # unknown: a generous bound

@@ -139,7 +139,7 @@ class EngineWorker:
     def submit(self, request, loop: asyncio.AbstractEventLoop) -> Ticket:
         """Queue ``request`` for preparation and then the engine, or raise QueueFull."""
         with self._lock:
-            if self._active >= self.capacity:
+            if self._active >= self.capacity or self._stopping.is_set():
                 raise QueueFull
             self._active += 1
         ticket = Ticket(loop)
