@@ -131,17 +131,19 @@ def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def normalize_pixels(pixels: torch.Tensor, settings: ImageSettings) -> torch.Tensor:
-    """uint8 pixels (..., 3, H, W) from ``resize_and_crop`` -> what the model takes (float32)."""
-    values = pixels.to(torch.float32)
+    """uint8 pixels (..., 3, H, W) from ``resize_and_crop`` -> what the model takes (float32),
+    on the pixels' device. In place on a fresh copy: same values, a third of the memory traffic."""
+    values = pixels.to(torch.float32, copy=True)
     scale = settings.rescale_factor
     if settings.mean is None or settings.std is None:
-        return values * scale if scale is not None else values
+        return values.mul_(scale) if scale is not None else values
     mean = torch.tensor(settings.mean, dtype=torch.float32)
     std = torch.tensor(settings.std, dtype=torch.float32)
     if scale is not None:
         # Fold the rescale into mean/std, as transformers does: (x - m/s) / (sd/s).
         mean, std = mean * (1.0 / scale), std * (1.0 / scale)
-    return (values - mean[:, None, None]) / std[:, None, None]
+    mean, std = mean.to(values.device), std.to(values.device)
+    return values.sub_(mean[:, None, None]).div_(std[:, None, None])
 
 
 def _background(settings: ImageSettings) -> tuple[int, int, int]:
