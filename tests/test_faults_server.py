@@ -296,3 +296,23 @@ def test_metrics_show_the_feature_cache(tiny, cat_png):
     assert m["fastvlm_feature_cache_entries"] == 1 and m["fastvlm_feature_cache_bytes"] > 0
     assert m["fastvlm_feature_cache_hit_rate"] == 0.5
     assert m["fastvlm_feature_cache_max_bytes"] >= m["fastvlm_feature_cache_bytes"]
+
+
+def test_http_non_finite_row_and_extreme_penalty(tiny, monkeypatch):
+    engine = Engine(*tiny, max_batch=2)
+    decode = engine.runner.decode
+
+    def poisoned(tokens, lengths):
+        logits = decode(tokens, lengths).clone()  # (B, V)
+        logits[0, 7] = float("nan")  # row 0: the first request admitted
+        return logits
+
+    monkeypatch.setattr(engine.runner, "decode", poisoned)
+    with serve(*tiny, engine=engine) as server:
+        url = f"{server.url}/v1/chat/completions"
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 5}
+        response = httpx.post(url, json=body, timeout=TIMEOUT)
+        assert response.status_code == 500 and response.json()["error"]["code"] == "non_finite_logits"
+        extreme = {**body, "repetition_penalty": 1e-38, "temperature": 0.1, "seed": 1}
+        assert httpx.post(url, json=extreme, timeout=TIMEOUT).status_code == 400
+        assert wait_until(lambda: server_idle(server.url))

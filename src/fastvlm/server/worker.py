@@ -28,6 +28,7 @@ from typing import Any
 
 from ..errors import ContextLengthError, FastVLMError
 from ..generation.engine import GenerationError
+from ..generation.sampling import NonFiniteLogitsError
 from .metrics import Metrics
 
 log = logging.getLogger("fastvlm.server")
@@ -98,6 +99,9 @@ def failure(error: BaseException) -> Failed:
         return Failed(str(error), 400, code)
     if isinstance(error, GenerationError):
         return Failed("the engine failed while generating; please retry", 503, "engine_error")
+    if isinstance(error, NonFiniteLogitsError):  # a retry would only repeat it
+        message = "the model's scores for this request became NaN or infinite; try other sampling settings"
+        return Failed(message, 500, "non_finite_logits")
     return Failed(f"internal error ({type(error).__name__}); see the server log", 500, "internal_error")
 
 
