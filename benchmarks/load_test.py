@@ -14,6 +14,11 @@ and ends with one JSON line.
     python benchmarks/load_test.py                       # 1, 4, 16 clients; a few minutes on 2 cores
     python benchmarks/load_test.py --concurrency 1,4 --max-tokens 16 --no-image
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --model apple/FastVLM-0.5B
+    python benchmarks/load_test.py --scenario stall --tiny       # stream stalls as 8 images arrive
+    python benchmarks/load_test.py --scenario queue-memory --tiny --images-per-request 8
+
+``--scenario stall`` and ``--scenario queue-memory`` are described in ``load_scenarios.py``.
+``--tiny`` serves the tiny random test checkpoint (real tokenizer, 1024 px images) instead.
 """
 
 from __future__ import annotations
@@ -54,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=SERVED_NAME, help="model name to send (with --url)")
     p.add_argument("--api-key", default=None, help="with --url, if the server needs one")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
+    p.add_argument("--scenario", choices=["levels", "stall", "queue-memory"], default="levels")
+    p.add_argument("--tiny", action="store_true", help="serve the tiny test checkpoint (own server only)")
+    p.add_argument("--arrivals", type=int, default=8, help="stall / queue-memory: requests that arrive")
+    p.add_argument("--stream-tokens", type=int, default=3000, help="stall: tokens of the text stream")
+    p.add_argument("--slots", type=int, default=2, help="queue-memory: batch rows, all kept busy")
+    p.add_argument("--images-per-request", type=int, default=8, help="queue-memory: 1x1 PNGs per request")
     p.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -104,6 +115,20 @@ def processor_1024(folder: Path):
     return FastVLMProcessor.from_pretrained(folder, allow_remote_images=False, allow_local_images=False)
 
 
+def tiny_model_1024(folder: Path):
+    """The tests' tiny random checkpoint with 1024 px images: the tower and decoder cost ~ms."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import builders
+    from fastvlm import FastVLM
+    from fastvlm.processing import FastVLMProcessor
+
+    builders.tiny_checkpoint(folder)
+    builders.save_hf_processor(folder, image_size=1024)
+    model = FastVLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    processor = FastVLMProcessor.from_pretrained(folder, allow_remote_images=False, allow_local_images=False)
+    return model, processor
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -111,8 +136,11 @@ def serve(args: argparse.Namespace) -> None:
     from fastvlm.server.app import create_app
 
     with tempfile.TemporaryDirectory() as tmp:
-        processor = processor_1024(Path(tmp))
-    engine = Engine(random_model(args.dtype, args.device), processor, max_batch=args.max_batch)
+        if args.tiny:
+            model, processor = tiny_model_1024(Path(tmp))
+        else:
+            model, processor = random_model(args.dtype, args.device), processor_1024(Path(tmp))
+    engine = Engine(model, processor, max_batch=args.max_batch)
     app = create_app(engine, served_model_name=SERVED_NAME, max_queue=1024)
     uvicorn.run(app, host="127.0.0.1", port=args.serve_port, log_level="warning")
 
@@ -122,7 +150,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, __file__, "--serve-port", str(port), "--max-batch", str(args.max_batch)]
-    command += ["--dtype", args.dtype, "--device", args.device]
+    command += ["--dtype", args.dtype, "--device", args.device] + (["--tiny"] if args.tiny else [])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -279,6 +307,8 @@ def main(argv=None) -> int:
     else:
         print(f"starting a server: random FastVLM-0.5B shapes, {args.dtype} on {args.device} ...", flush=True)
         proc, url = start_server(args)
+    if args.scenario != "levels":
+        return run_scenario(args, url, proc)
     try:
         # One warm-up request so the first level does not pay for lazy initialisation.
         asyncio.run(
@@ -308,6 +338,30 @@ def main(argv=None) -> int:
         "levels": rows,
     }
     print(json.dumps(summary))
+    return 0
+
+
+def run_scenario(args: argparse.Namespace, url: str, proc: subprocess.Popen | None) -> int:
+    import load_scenarios
+
+    try:
+        if args.scenario == "stall":
+            asyncio.run(
+                run_level(argparse.Namespace(**{**vars(args), "requests": 1, "max_tokens": 2}), url, 1, 0)
+            )
+            row = asyncio.run(load_scenarios.stall(args, url, image_uri))
+        else:
+            if proc is None:
+                raise SystemExit("--scenario queue-memory reads the server's memory: it needs its own server")
+            row = asyncio.run(load_scenarios.queue_memory(args, url, proc.pid))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    row.update(
+        model="tiny test checkpoint" if args.tiny else "random FastVLM-0.5B shapes", cores=os.cpu_count()
+    )
+    print(json.dumps(row))
     return 0
 
 

@@ -234,9 +234,23 @@ def test_feature_cache_is_a_bounded_lru():
     cache.get("b")
     cache.put("d", torch.zeros(1))
     assert "b" in cache and "c" not in cache
-    off = FeatureCache(0)
-    off.put("a", torch.zeros(1))
-    assert len(off) == 0
+    for off in (FeatureCache(0), FeatureCache(4, max_bytes=0)):
+        off.put("a", torch.zeros(1))
+        assert len(off) == 0 and off.nbytes == 0
+
+
+def test_feature_cache_holds_compact_copies_bounded_by_bytes():
+    cache = FeatureCache(100, max_bytes=3 * 16 * 8 * 4)  # three (16, 8) float32 entries
+    batch = torch.randn(8, 16, 8)  # what the encoder returns for 8 images
+    for i in range(4):
+        cache.put(str(i), batch[i])  # a view into the whole batch
+    entry = cache.get("3")
+    assert torch.equal(entry, batch[3]) and entry.untyped_storage().nbytes() == 16 * 8 * 4
+    assert len(cache) == 3 and "0" not in cache and cache.nbytes == 3 * 16 * 8 * 4
+    cache.put("3", batch[3])  # replacing an entry does not count it twice
+    assert cache.nbytes == 3 * 16 * 8 * 4
+    cache.put("big", torch.zeros(4 * 16 * 8))  # larger than the whole cache: not kept
+    assert "big" not in cache and len(cache) == 3
 
 
 # ---- scheduling --------------------------------------------------------------------------
@@ -316,7 +330,7 @@ def test_bad_input_raises_at_add_request(engine):
     assert engine.num_waiting == 1
 
 
-def test_compute_failure_names_the_dropped_requests(engine, monkeypatch):
+def test_compute_failure_fails_its_requests_with_a_final_event(engine, monkeypatch):
     ids = [
         engine.add_request(request("A.", max_new_tokens=5)),
         engine.add_request(request("B.", max_new_tokens=5)),
@@ -326,10 +340,10 @@ def test_compute_failure_names_the_dropped_requests(engine, monkeypatch):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(engine.runner, "decode", broken)
-    # One request is admitted per step, so each step drops the one it was decoding.
+    # One request is admitted per step, so each step fails the one it was decoding.
     for expected in ids:
-        with pytest.raises(GenerationError) as info:
-            engine.step()
-        assert info.value.request_ids == [expected]
-        assert {e.request_id for e in info.value.events} == {expected}
-    assert not engine.has_work
+        (event,) = engine.step()
+        assert event.request_id == expected and event.finished
+        assert isinstance(event.error, GenerationError) and "device lost" in str(event.error)
+        assert event.result.finish_reason == "error"
+    assert not engine.has_work and engine.stats["requests_failed"] == 2

@@ -5,6 +5,12 @@ cache rows and prefill them (encoding images through the feature cache), then on
 batched decode step for every running request, then hand out the new text. New
 requests join between decode steps; finished ones free their row at once.
 
+A request's life: ``prepare`` (pure CPU, any thread) -> ``add_prepared`` (queued) ->
+admitted and prefilled -> decoded -> exactly one finished event: stopped, cut at its
+length, cancelled, or failed. A failure ends only the requests it touches: a model
+call that raises fails the rows it computed for; a row whose scores turn non-finite,
+or whose sampling, detokenising or stop check raises, fails alone.
+
 The engine is synchronous and single-threaded, and it knows nothing about HTTP: a
 server runs it in one worker thread and talks to it through queues. It does know
 about text (through the processor) so that stop strings and streaming are exact.
@@ -12,19 +18,21 @@ about text (through the processor) so that stop strings and streaming are exact.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
 
 import torch
 
-from ..errors import CheckpointError, InputError
-from .feature_cache import FeatureCache, gather_features
-from .prepare import prepare_sequence
+from ..errors import CheckpointError, FastVLMError, InputError
+from .drivers import Drivers
+from .feature_cache import DEFAULT_MAX_BYTES, FeatureCache, gather_features
+from .prepare import DEFAULT_MAX_IMAGES, PreparedRequest, PrepareLimits, prepare_request
 from .request import GenerationRequest, GenerationResult, StreamEvent, Timings, Usage
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample_rows
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .step import StepOutput
 from .stopping import default_stop_token_ids
 
 __all__ = [
@@ -32,35 +40,32 @@ __all__ = [
     "GenerationError",
     "GenerationRequest",
     "GenerationResult",
+    "PreparedRequest",
     "SamplingParams",
     "StreamEvent",
     "Timings",
     "Usage",
 ]
 
+log = logging.getLogger("fastvlm.engine")
+
 DEFAULT_MAX_SEQ_LEN = 4096  # cache columns per row unless asked otherwise
 _ENCODER_BATCH = 8  # images per vision-encoder call: bounds activation memory at 1024 px
 
 
 class GenerationError(RuntimeError):
-    """Model compute failed inside ``step``. ``request_ids`` were dropped; the rest go on.
-
-    ``events`` holds the events the step had produced (other requests' text) before it failed.
-    """
-
-    def __init__(self, message: str, request_ids: list[str]) -> None:
-        super().__init__(message)
-        self.request_ids = request_ids
-        self.events: list[StreamEvent] = []  # what the failing step produced before it failed
+    """Model compute failed for a request (it may work on a retry): the error of its failed event."""
 
 
-class Engine:
+class Engine(Drivers):
     """Continuous batching over one preallocated KV cache of ``max_batch`` rows.
 
     ``max_seq_len`` (prompt + new tokens per request) defaults to 4096 and is capped at
-    the model's context; ``feature_cache_size`` image features are kept for reuse (0
-    turns the cache off); at most ``prefill_per_step`` new requests are prefilled per
-    step, so a burst of arrivals cannot stall running streams or each other's first token.
+    the model's context; image features are kept for reuse, at most
+    ``feature_cache_size`` entries and ``feature_cache_bytes`` (either 0 turns the cache
+    off); a request may carry at most ``max_images_per_request`` images; at most
+    ``prefill_per_step`` new requests are prefilled per step, so a burst of arrivals
+    cannot stall running streams or each other's first token.
     """
 
     def __init__(
@@ -71,10 +76,14 @@ class Engine:
         max_batch: int = 8,
         max_seq_len: int | None = None,
         feature_cache_size: int = 32,
+        feature_cache_bytes: int = DEFAULT_MAX_BYTES,
         prefill_per_step: int = 1,
+        max_images_per_request: int = DEFAULT_MAX_IMAGES,
     ) -> None:
-        if max_batch < 1 or prefill_per_step < 1 or feature_cache_size < 0:
-            raise InputError("max_batch and prefill_per_step must be >= 1, feature_cache_size >= 0")
+        if min(max_batch, prefill_per_step) < 1 or min(feature_cache_size, feature_cache_bytes) < 0:
+            raise InputError("max_batch and prefill_per_step must be >= 1, the feature cache limits >= 0")
+        if max_images_per_request < 0:
+            raise InputError(f"max_images_per_request must be >= 0, got {max_images_per_request}")
         context = model.config.text.max_position_embeddings
         if getattr(processor, "max_length", None):
             context = min(context, processor.max_length)
@@ -90,8 +99,14 @@ class Engine:
         self.max_batch = max_batch
         self.prefill_per_step = prefill_per_step
         self.runner = ModelRunner(model, max_batch, self.max_seq_len)
-        self.feature_cache = FeatureCache(feature_cache_size)
+        self.feature_cache = FeatureCache(feature_cache_size, feature_cache_bytes)
         tokenizer = processor.tokenizer
+        self.limits = PrepareLimits(
+            max_seq_len=self.max_seq_len,
+            max_images=max_images_per_request,
+            max_token_chars=_longest_token(tokenizer),
+            hash_images=self.feature_cache.enabled,
+        )
         self.default_stop_token_ids = default_stop_token_ids(
             model.config.eos_token_id, tokenizer.convert_tokens_to_ids
         )
@@ -104,6 +119,7 @@ class Engine:
             "generated_tokens": 0,
             "decode_steps": 0,
             "requests_finished": 0,
+            "requests_failed": 0,
         }
 
     # -- queue ------------------------------------------------------------------------
@@ -119,26 +135,30 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
-    def add_request(self, request: GenerationRequest) -> str:
-        """Tokenize the prompt and load its images now; queue it. Returns the request id.
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Tokenize the prompt and load its images; touches no engine state (any thread).
 
         Raises InputError (bad messages or images) or ContextLengthError before any
         model compute, so a caller can reject the request at once.
         """
-        added_at = time.perf_counter()
+        return prepare_request(request, self.processor, self.limits)
+
+    def add_prepared(self, prepared: PreparedRequest) -> str:
+        """Queue a prepared request (engine thread only). Returns the request id."""
+        request = prepared.request
         if self.scheduler.get(request.request_id) is not None:
             raise InputError(f"request id {request.request_id!r} is already in use; pick another")
-        seq = prepare_sequence(
-            request,
-            self.processor,
-            max_seq_len=self.max_seq_len,
-            device=self.runner.device,
-            default_stop_ids=self.default_stop_token_ids,
-            hash_images=self.feature_cache.capacity > 0,
-            added_at=added_at,
+        seq = Sequence.from_prepared(
+            prepared, self.processor.tokenizer.decode, self.default_stop_token_ids, self.runner.device
         )
         self.scheduler.add(seq)
         return request.request_id
+
+    def add_request(self, request: GenerationRequest) -> str:
+        """``prepare`` then ``add_prepared``, on the calling thread."""
+        if self.scheduler.get(request.request_id) is not None:  # before paying for preparation
+            raise InputError(f"request id {request.request_id!r} is already in use; pick another")
+        return self.add_prepared(self.prepare(request))
 
     def cancel(self, request_id: str) -> None:
         """Finish a request at the next step with reason "cancelled"; unknown ids are ignored."""
@@ -148,155 +168,120 @@ class Engine:
 
     # -- one iteration ------------------------------------------------------------------
     def step(self) -> list[StreamEvent]:
-        """Admit and prefill waiting requests, then one decode step for every running one."""
-        pieces: dict[str, list[str]] = {}
-        touched: list[Sequence] = []
+        """Admit and prefill waiting requests, then one decode step for every running one.
 
-        def emit(seq: Sequence, text: str) -> None:
-            if seq.request_id not in pieces:
-                pieces[seq.request_id] = []
-                touched.append(seq)
-            pieces[seq.request_id].append(text)
-
+        Never raises for a request's failure: that request's finished event carries it.
+        """
+        out, released = StepOutput(), []
         try:
             now = time.perf_counter()
             for seq in self.scheduler.to_cancel():
-                emit(seq, seq.finish("cancelled", now))
-            self._release_finished()
+                out.emit(seq, seq.finish("cancelled", now))
+            released += self.scheduler.release_finished()  # their rows are free for admission
             admitted = self.scheduler.admit()
             if admitted:
-                self._prefill(admitted, emit)
+                self._prefill(admitted, out)
             if self.scheduler.running:
-                self._decode(emit)
-            self._release_finished()
-        except GenerationError as exc:
-            # Text already accepted this step must still reach its streams.
-            exc.events = [self._event(seq, "".join(pieces[seq.request_id])) for seq in touched]
-            raise
-        return [self._event(seq, "".join(pieces[seq.request_id])) for seq in touched]
+                self._decode(out)
+        except Exception as exc:  # a bug of ours: still, no request may be left without an end
+            log.exception("engine step failed unexpectedly; failing every request it holds")
+            for seq in self.scheduler.live():
+                self._fail(seq, exc, out)
+        released += self.scheduler.release_finished()
+        self.stats["requests_finished"] += len(released)
+        self.stats["requests_failed"] += sum(s.error is not None for s in released)
+        return out.events(released)
 
-    def _prefill(self, admitted: list[Sequence], emit) -> None:
+    def _prefill(self, admitted: list[Sequence], out: StepOutput) -> None:
         now = time.perf_counter()
         for seq in admitted:
             seq.admitted_at = now
-        try:
-            features = self._image_features(admitted)
-        except Exception as exc:
-            self._drop(admitted)
-            raise GenerationError(f"image encoding failed: {exc}", [s.request_id for s in admitted]) from exc
-        for i, seq in enumerate(admitted):
+        features = self._image_features([s for s in admitted if s.pixels is not None], out)
+        for seq in admitted:
+            if seq.finished:  # its images failed to encode
+                continue
             seq.row = self.scheduler.next_row()
             try:
-                logits = self.runner.prefill(seq.row, seq.prompt_ids, features[i])  # (V,)
-                (token,) = sample_rows(logits[None], [seq.request.sampling], [seq.generator], [seq.seen()])
+                logits = self.runner.prefill(seq.row, seq.prompt_ids, features.get(seq.request_id))  # (V,)
             except Exception as exc:
-                self._drop(admitted[i:])
-                raise GenerationError(f"prefill failed: {exc}", [s.request_id for s in admitted[i:]]) from exc
+                self._fail(seq, _compute_error("prefill failed", exc), out)
+                continue
             seq.length = seq.num_prompt_tokens
+            seq.pixels = None  # the features are in the cache row now
             self.stats["prompt_tokens"] += seq.num_prompt_tokens
-            self.stats["generated_tokens"] += 1
-            emit(seq, seq.accept(token, time.perf_counter()))
+            self._sample_and_accept([seq], logits[None], out)
             if not seq.finished:
                 self.scheduler.start(seq)
 
-    def _decode(self, emit) -> None:
-        seqs = self.scheduler.running
+    def _decode(self, out: StepOutput) -> None:
+        seqs = list(self.scheduler.running)
         try:
             logits = self.runner.decode([s.last_token for s in seqs], [s.length for s in seqs])  # (B, V)
-            params = [s.request.sampling for s in seqs]
-            tokens = sample_rows(logits, params, [s.generator for s in seqs], [s.seen() for s in seqs])
         except Exception as exc:
-            ids = [s.request_id for s in seqs]
-            self._drop(list(seqs))
-            raise GenerationError(f"decode step failed: {exc}", ids) from exc
-        now = time.perf_counter()
+            error = _compute_error("decode step failed", exc)
+            for seq in seqs:
+                self._fail(seq, error, out)
+            return
         self.stats["decode_steps"] += 1
-        self.stats["generated_tokens"] += len(seqs)
-        for seq, token in zip(seqs, tokens, strict=True):
+        for seq in seqs:
             seq.length += 1  # the token fed this step is now in the cache
-            emit(seq, seq.accept(token, now))
+        self._sample_and_accept(seqs, logits, out)
 
-    def _image_features(self, seqs: list[Sequence]) -> list[torch.Tensor | None]:
-        """(n_images, N, H) features per sequence, through the feature cache."""
-        images = [list(zip(s.image_keys, _rows(s.pixels), strict=True)) for s in seqs]
-        features, counts = gather_features(
-            images, self.feature_cache, self.runner.encode_images, _ENCODER_BATCH
-        )
+    def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
+        """One token per row of (B, V) ``logits``; a row that fails here fails alone."""
+        params = [s.request.sampling for s in seqs]
+        tokens, failed = sample_rows(logits, params, [s.generator for s in seqs], [s.seen() for s in seqs])
+        now = time.perf_counter()
+        for b, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            if b in failed:
+                self._fail(seq, failed[b], out)
+                continue
+            self.stats["generated_tokens"] += 1
+            try:
+                out.emit(seq, seq.accept(token, now))  # detokenising and the stop checks
+            except Exception as exc:
+                self._fail(seq, exc, out)
+
+    def _image_features(self, seqs: list[Sequence], out: StepOutput) -> dict[str, torch.Tensor]:
+        """(n_images, N, H) features by request id, through the feature cache.
+
+        Pixels wait as uint8; only the images the encoder runs on are normalised.
+        """
+        if not seqs:
+            return {}
+        images = [list(zip(s.image_keys, s.pixels, strict=True)) for s in seqs]
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) uint8 -> (n, N, H)
+            # Normalised on the model's device: a quarter of the bytes cross to it.
+            return self.runner.encode_images(self.processor.normalize_pixels(pixels.to(self.runner.device)))
+
+        try:
+            features, counts = gather_features(images, self.feature_cache, encode, _ENCODER_BATCH)
+        except Exception as exc:
+            error = _compute_error("image encoding failed", exc)
+            for seq in seqs:
+                self._fail(seq, error, out)
+            return {}
         for name, value in counts.items():
             self.stats[name] += value
-        return features
+        return {s.request_id: f for s, f in zip(seqs, features, strict=True)}
 
-    def _release_finished(self) -> None:
-        self.stats["requests_finished"] += len(self.scheduler.release_finished())
-
-    def _drop(self, seqs: list[Sequence]) -> None:
-        """Remove sequences after a compute failure, keeping the running rows packed."""
-        now = time.perf_counter()
-        for seq in seqs:
-            if not seq.finished:
-                seq.finish("cancelled", now)
-        self._release_finished()
-
-    def _event(self, seq: Sequence, text: str) -> StreamEvent:
-        result = seq.result() if seq.finished else None
-        return StreamEvent(request_id=seq.request_id, text=text, finished=seq.finished, result=result)
-
-    # -- convenience drivers: they own the step loop, so don't mix them with another one ---
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Run ``requests`` together to completion; results in the order given."""
-        ids: list[str] = []
-        results: dict[str, GenerationResult] = {}
-        try:
-            for request in requests:
-                ids.append(self.add_request(request))
-            while len(results) < len(ids):
-                for event in self.step():
-                    if event.finished and event.request_id in ids:
-                        results[event.request_id] = event.result
-        finally:
-            self._abandon(set(ids) - set(results))
-        return [results[i] for i in ids]
-
-    def stream_events(self, request: GenerationRequest) -> Iterator[StreamEvent]:
-        """Events of one request as it runs; the last one is finished and holds the result.
-
-        The request is added (and checked) now, so bad input raises here, not on first use.
-        """
-        return self._follow(self.add_request(request))
-
-    def stream(self, request: GenerationRequest) -> Iterator[str]:
-        """Text pieces of one request (complete UTF-8); joined they equal the result text."""
-        return _texts(self.stream_events(request))
-
-    def _follow(self, request_id: str) -> Iterator[StreamEvent]:
-        finished = False
-        try:
-            while not finished:
-                for event in self.step():
-                    if event.request_id == request_id:
-                        finished = event.finished
-                        yield event
-        finally:
-            if not finished:
-                self._abandon({request_id})
-
-    def _abandon(self, request_ids: set[str]) -> None:
-        """A driver was closed early (or failed): cancel its requests and free their rows."""
-        now = time.perf_counter()
-        for seq in filter(None, map(self.scheduler.get, request_ids)):
-            if not seq.finished:
-                seq.finish("cancelled", now)
-        self._release_finished()
+    def _fail(self, seq: Sequence, error: Exception, out: StepOutput) -> None:
+        if not seq.finished:
+            seq.fail(error, time.perf_counter())
+            out.emit(seq, "")
 
 
-def _rows(pixels: torch.Tensor | None) -> list[torch.Tensor]:
-    return [] if pixels is None else list(pixels)
+def _compute_error(stage: str, exc: Exception) -> Exception:
+    """A model call's failure as a request's error: our typed errors as they are."""
+    if isinstance(exc, (FastVLMError, GenerationError)):
+        return exc
+    error = GenerationError(f"{stage}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
-def _texts(events: Iterator[StreamEvent]) -> Iterator[str]:
-    try:
-        for event in events:
-            if event.text:
-                yield event.text
-    finally:
-        events.close()  # closing the text stream must cancel the request at once
+def _longest_token(tokenizer) -> int:
+    """Characters in the longest token (its byte-level form has at least as many)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return max(map(len, vocab), default=1024)  # unknown: a generous bound

@@ -2,9 +2,12 @@
 
 Asking several questions about one image is the common case for a VLM, and the
 vision encoder is the expensive part of a prefill. The key is a hash of the
-preprocessed pixel tensor, not of the source: the same picture sent as a path, a
-data URI or a PIL image gives one entry, and two sources that preprocess
-differently (another checkpoint's settings) never collide.
+preprocessed uint8 pixels, not of the source: the same picture sent as a path, a
+data URI or a PIL image gives one entry.
+
+Entries are compact copies. The encoder returns a whole batch in one tensor, and a
+per-image slice of it is a view that keeps the entire batch alive: the cache bounds
+what its entries really hold, in bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+
+DEFAULT_MAX_BYTES = 256 * 2**20
 
 
 def image_key(pixels: torch.Tensor) -> str:
@@ -27,13 +32,21 @@ def image_key(pixels: torch.Tensor) -> str:
 
 
 class FeatureCache:
-    """``key -> (N, H) features`` on the model's device; ``capacity`` 0 disables it."""
+    """``key -> (N, H) features`` on the model's device, at most ``max_entries`` and
+    ``max_bytes``; either limit 0 turns it off."""
 
-    def __init__(self, capacity: int) -> None:
-        if capacity < 0:
-            raise ValueError(f"feature cache capacity must be >= 0, got {capacity}")
-        self.capacity = capacity
+    def __init__(self, max_entries: int, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_entries < 0 or max_bytes < 0:
+            raise ValueError(
+                f"feature cache limits must be >= 0, got {max_entries} entries, {max_bytes} bytes"
+            )
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.nbytes = 0  # what the entries hold
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_entries > 0 and self.max_bytes > 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -48,15 +61,19 @@ class FeatureCache:
         return feats
 
     def put(self, key: str, feats: torch.Tensor) -> None:
-        if self.capacity == 0:
+        size = feats.numel() * feats.element_size()
+        if not self.enabled or size > self.max_bytes:
             return
-        self._entries[key] = feats
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        if key in self._entries:
+            self.nbytes -= _nbytes(self._entries.pop(key))
+        self._entries[key] = feats.detach().clone(memory_format=torch.contiguous_format)  # own storage
+        self.nbytes += size
+        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
+            self.nbytes -= _nbytes(self._entries.popitem(last=False)[1])
 
-    def clear(self) -> None:
-        self._entries.clear()
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def gather_features(

@@ -13,7 +13,7 @@ from typing import Literal
 from ..errors import InputError
 from .sampling import SamplingParams
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 def _new_request_id() -> str:
@@ -98,9 +98,14 @@ class GenerationResult:
 
 @dataclass
 class StreamEvent:
-    """New text of one request since its last event (complete UTF-8; may be "")."""
+    """New text of one request since its last event (complete UTF-8; may be "").
+
+    Every request gets exactly one finished event. When it failed, ``error`` says why
+    (``result.finish_reason`` is "error" and holds what was generated before).
+    """
 
     request_id: str
     text: str
     finished: bool = False
     result: GenerationResult | None = None  # set when finished
+    error: Exception | None = None  # set when finished by a failure

@@ -5,33 +5,58 @@ Nothing here knows about models, caches or text.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError
 
+# Sane ranges. Outside them the scores overflow or underflow float32 within a few
+# steps (a penalty of 1e-38 divides a logit up to inf), and no useful setting lies there.
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """A row's scores became NaN or infinite; only that request fails."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 means greedy; at most MAX_TEMPERATURE
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
     min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # 1 means off; within REPETITION_PENALTY_RANGE
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        low, high = REPETITION_PENALTY_RANGE
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, not {value!r}")
+        for name in ("top_k", "seed"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                and (name == "top_k" or value is not None)
+            ):
+                raise InputError(f"{name} must be an integer, not {value!r}")
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE, f"in [0, {MAX_TEMPERATURE:g}]"),
+            ("top_k", self.top_k >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", low <= self.repetition_penalty <= high, f"in [{low:g}, {high:g}]"),
+            ("seed", self.seed is None or _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1], "a 64-bit integer"),
         ]
-        for ok, message in checks:
+        for name, ok, rule in checks:
             if not ok:
-                raise InputError(message)
+                raise InputError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +102,10 @@ def sample_next(
     if p.greedy:
         return int(logits.float().argmax())  # float32: see sample_rows
     probs = filter_logits(logits, p).softmax(-1)
+    # Checked here, not left to multinomial: on CUDA a bad distribution is a device
+    # assert that breaks every later step, not an exception.
+    if not bool(torch.isfinite(probs).all()):
+        raise NonFiniteLogitsError("the sampling distribution holds NaN or inf")
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -85,8 +114,11 @@ def sample_rows(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     seen: list[torch.Tensor | None],
-) -> list[int]:
+) -> tuple[list[int], dict[int, Exception]]:
     """One token per row of (B, V) logits, each row with its own settings.
+
+    Returns the tokens and the rows that failed (row -> error; their token is -1): a
+    row whose scores are not finite, or whose sampling raised, fails alone.
 
     Rows that are greedy without a repetition penalty share one batched argmax, so an
     all-greedy batch costs one device sync. Every other row goes through
@@ -94,8 +126,16 @@ def sample_rows(
     """
     # float32 first: the exact same answer, and CPU's bfloat16 argmax over a 150k-entry
     # vocabulary is ~5x slower than the cast plus a float32 argmax.
-    picked = logits.float().argmax(-1).tolist()  # (B,)
+    scores = logits.float()
+    both = torch.stack([scores.argmax(-1), torch.isfinite(scores).all(-1).long()])  # (2, B): one sync
+    picked, finite = both.tolist()
+    failed: dict[int, Exception] = {}
     for b, p in enumerate(params):
-        if not p.greedy or (p.repetition_penalty != 1.0 and seen[b] is not None):
-            picked[b] = sample_next(logits[b], p, generators[b], seen[b])
-    return picked
+        try:
+            if not finite[b]:
+                raise NonFiniteLogitsError("the model's scores for this request hold NaN or inf")
+            if not p.greedy or (p.repetition_penalty != 1.0 and seen[b] is not None):
+                picked[b] = sample_next(logits[b], p, generators[b], seen[b])
+        except Exception as exc:  # this row's failure must not end its neighbours
+            picked[b], failed[b] = -1, exc
+    return picked, failed

@@ -33,6 +33,10 @@ class Scheduler:
     def get(self, request_id: str) -> Sequence | None:
         return self._tracked.get(request_id)
 
+    def live(self) -> list[Sequence]:
+        """Every sequence not yet finished: waiting, being admitted or running."""
+        return [s for s in self._tracked.values() if not s.finished]
+
     def to_cancel(self) -> list[Sequence]:
         """Live sequences whose cancellation was asked for."""
         return [s for s in [*self.waiting, *self.running] if s.cancel_requested and not s.finished]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .detokenize import TextStream
+from .prepare import PreparedRequest
 from .request import FinishReason, GenerationRequest, GenerationResult, Timings, Usage
 
 
@@ -20,7 +21,7 @@ from .request import FinishReason, GenerationRequest, GenerationResult, Timings,
 class Sequence:
     request: GenerationRequest
     prompt_ids: torch.Tensor  # (T,) int64 on CPU, image placeholders expanded
-    pixels: torch.Tensor | None  # (n_images, 3, S, S) float32 on CPU, in prompt order
+    pixels: torch.Tensor | None  # (n_images, 3, S, S) uint8 on CPU, in prompt order; see prepare
     image_keys: list[str]  # feature-cache key of each image
     stop_ids: frozenset[int]
     text: TextStream
@@ -37,7 +38,35 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_generated: int = 0  # includes a final stop id, which output_ids leave out
     finish_reason: FinishReason | None = None
+    error: Exception | None = None  # why it failed, with finish_reason "error"
     cancel_requested: bool = False
+
+    @classmethod
+    def from_prepared(
+        cls, prepared: PreparedRequest, decode, default_stop_ids: list[int], device: torch.device
+    ) -> Sequence:
+        """A sequence ready to queue; ``decode`` is the tokenizer's (for streaming text)."""
+        request, p, T = prepared.request, prepared.request.sampling, prepared.prompt_ids.numel()
+        generator = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
+        history = None
+        if p.repetition_penalty != 1.0:
+            history = torch.empty(
+                T + prepared.max_new_tokens, dtype=torch.long, device=device
+            )  # (T + budget,)
+            history[:T] = prepared.prompt_ids.to(device)
+        stops = request.stop_token_ids if request.stop_token_ids is not None else default_stop_ids
+        return cls(
+            request=request,
+            prompt_ids=prepared.prompt_ids,
+            pixels=prepared.pixels,
+            image_keys=prepared.image_keys,
+            stop_ids=frozenset(stops),
+            text=TextStream(decode, request.stop),
+            max_new_tokens=prepared.max_new_tokens,
+            generator=generator,
+            history=history,
+            added_at=prepared.added_at,
+        )
 
     @property
     def request_id(self) -> str:
@@ -83,6 +112,13 @@ class Sequence:
         self.finish_reason = reason
         self.finished_at = now
         return self.text.finish()
+
+    def fail(self, error: Exception, now: float) -> None:
+        """Mark done by a failure; text held back (a possible stop string) stays unsaid."""
+        self.error = error
+        self.finish_reason = "error"
+        self.finished_at = now
+        self.pixels = None
 
     def result(self) -> GenerationResult:
         end = self.finished_at if self.finished_at is not None else time.perf_counter()

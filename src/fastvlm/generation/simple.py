@@ -22,7 +22,11 @@ def _next_tokens(logits, params, generator, ids, done, pad_id) -> torch.Tensor:
     """One token per row from (B, V) logits; finished rows get ``pad_id`` and draw no sample."""
     out = torch.full((logits.shape[0],), pad_id, dtype=torch.long)
     live = (~done).nonzero().flatten().tolist()
-    picked = sample_rows(logits[live], [params] * len(live), [generator] * len(live), [ids[b] for b in live])
+    picked, failed = sample_rows(
+        logits[live], [params] * len(live), [generator] * len(live), [ids[b] for b in live]
+    )
+    if failed:  # one call for the whole batch: a row's failure is the call's
+        raise next(iter(failed.values()))
     out[live] = torch.tensor(picked, dtype=torch.long)
     return out.to(ids.device)
 

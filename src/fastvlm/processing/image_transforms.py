@@ -74,6 +74,12 @@ class ImageSettings:
 
 def preprocess_image(image: Image.Image, settings: ImageSettings) -> torch.Tensor:
     """An RGB image -> float32 tensor (3, H, W)."""
+    return normalize_pixels(resize_and_crop(image, settings), settings)
+
+
+def resize_and_crop(image: Image.Image, settings: ImageSettings) -> torch.Tensor:
+    """An RGB image -> uint8 tensor (3, H, W): every step of ``preprocess_image`` but the
+    rescale and normalisation, so a server can hold a queued image at a quarter of the size."""
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode}")
     if settings.pad_to_square:
@@ -97,7 +103,7 @@ def preprocess_image(image: Image.Image, settings: ImageSettings) -> torch.Tenso
             pixels = _torch_resize(pixels, (height, width), settings.resample)
     if settings.crop_size is not None:
         pixels = center_crop(pixels, settings.crop_size)
-    return _rescale_and_normalize(pixels, settings)
+    return pixels
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -184,17 +190,20 @@ def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
-def _rescale_and_normalize(pixels: torch.Tensor, settings: ImageSettings) -> torch.Tensor:
-    values = pixels.to(torch.float32)
+def normalize_pixels(pixels: torch.Tensor, settings: ImageSettings) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) from ``resize_and_crop`` -> what the model takes (float32),
+    on the pixels' device. In place on a fresh copy: same values, a third of the memory traffic."""
+    values = pixels.to(torch.float32, copy=True)
     scale = settings.rescale_factor
     if settings.mean is None or settings.std is None:
-        return values * scale if scale is not None else values
+        return values.mul_(scale) if scale is not None else values
     mean = torch.tensor(settings.mean, dtype=torch.float32)
     std = torch.tensor(settings.std, dtype=torch.float32)
     if scale is not None:
         # Fold the rescale into mean/std, as transformers does: (x - m/s) / (sd/s).
         mean, std = mean * (1.0 / scale), std * (1.0 / scale)
-    return (values - mean[:, None, None]) / std[:, None, None]
+    mean, std = mean.to(values.device), std.to(values.device)
+    return values.sub_(mean[:, None, None]).div_(std[:, None, None])
 
 
 def _background(settings: ImageSettings) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ from ..errors import ContextLengthError, InputError
 from .batch import BatchInputs
 from .chat_template import render_chat_template
 from .constants import DEFAULT_MAX_IMAGE_PIXELS
-from .image_transforms import ImageSettings, preprocess_image
+from .image_transforms import ImageSettings, normalize_pixels, resize_and_crop
 from .images import ImageLoadOptions, ImageSource, load_rgb_image
 from .messages import ImageRef, ParsedConversation, is_batch, parse_conversation
 from .settings import ProcessorSettings, load_settings
@@ -121,6 +121,7 @@ class FastVLMProcessor:
         max_new_tokens: int = 0,
         check_length: bool = True,
         chat_template: str | None = None,
+        uint8_pixels: bool = False,
     ) -> BatchInputs | torch.Tensor | list | str:
         """Render one conversation or a list of them; tokenize and load images unless
         ``tokenize=False`` (then the prompt string, or a list of them, comes back).
@@ -128,6 +129,8 @@ class FastVLMProcessor:
         With ``check_length``, a prompt that with ``max_new_tokens`` more tokens would
         not fit ``max_length`` raises ContextLengthError before any image is decoded.
         ``return_tensors=None`` gives lists for ids and mask (pixels stay a tensor).
+        With ``uint8_pixels``, ``pixel_values`` are the resized and cropped uint8 pixels
+        (a quarter of the size); ``normalize_pixels`` turns them into the float32 ones.
         A message's content may be a plain string; the reference renders such content
         as nothing with the FastVLM template, here it is one text part.
         """
@@ -149,7 +152,9 @@ class FastVLMProcessor:
                     f"{prompt.count(self.image_token)} {self.image_token!r} marker(s); "
                     f"remove {self.image_token!r} from the message text"
                 )
-        out = self._build(prompts, images, batched, return_tensors, padding, max_new_tokens, check_length)
+        out = self._build(
+            prompts, images, batched, return_tensors, padding, max_new_tokens, check_length, uint8_pixels
+        )
         return out if return_dict else out["input_ids"]
 
     def __call__(
@@ -200,6 +205,10 @@ class FastVLMProcessor:
         refs = [ImageRef(src, f"image {i}") for i, src in enumerate(images)]
         return self._pixels(refs)
 
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (N, 3, H, W) from ``uint8_pixels=True`` -> float32, exactly as without it."""
+        return normalize_pixels(pixels, self.settings.image)
+
     def check_length(self, num_tokens: int, max_new_tokens: int = 0, where: str = "") -> None:
         """Raise ContextLengthError if ``num_tokens + max_new_tokens`` exceeds the context."""
         limit = self.max_length
@@ -236,6 +245,7 @@ class FastVLMProcessor:
         padding: bool,
         max_new_tokens: int,
         check_length: bool,
+        uint8_pixels: bool = False,
     ) -> BatchInputs:
         sequences = [self.encode_prompt(p) for p in prompts]
         if check_length:
@@ -246,10 +256,10 @@ class FastVLMProcessor:
         )
         out = BatchInputs(input_ids=input_ids, attention_mask=attention_mask)
         if refs:
-            out["pixel_values"] = self._pixels(refs)
+            out["pixel_values"] = self._pixels(refs, uint8_pixels)
         return out
 
-    def _pixels(self, refs: list[ImageRef]) -> torch.Tensor:
+    def _pixels(self, refs: list[ImageRef], uint8_pixels: bool = False) -> torch.Tensor:
         tensors = []
         for ref in refs:
             if ref.source is None:
@@ -257,11 +267,12 @@ class FastVLMProcessor:
                     f"{ref.where}: the image part has no 'image', 'url', 'path' or 'base64' value"
                 )
             image = load_rgb_image(ref.source, self.image_options, self.settings.rgb_rules, ref.where)
-            tensors.append(preprocess_image(image, self.settings.image))
+            tensors.append(resize_and_crop(image, self.settings.image))
         if not tensors:
             height, width = self.settings.image.output_size
-            return torch.empty(0, 3, height, width)
-        return torch.stack(tensors)  # (N, 3, H, W)
+            return torch.empty(0, 3, height, width, dtype=torch.uint8 if uint8_pixels else torch.float32)
+        pixels = torch.stack(tensors)  # (N, 3, H, W) uint8
+        return pixels if uint8_pixels else self.normalize_pixels(pixels)
 
     def __repr__(self) -> str:
         return (

@@ -8,7 +8,7 @@ text-generation-inference's ``decode_token``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 REPLACEMENT_CHAR = "\ufffd"
 _MAX_CHAR_TOKENS = 4
@@ -31,11 +31,6 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes."""
         self._ids.append(int(token_id))
-        return self._emit(final=False)
-
-    def extend(self, token_ids: Sequence[int]) -> str:
-        """Add several ids; return the text they complete."""
-        self._ids.extend(int(i) for i in token_ids)
         return self._emit(final=False)
 
     def flush(self) -> str:

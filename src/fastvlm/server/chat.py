@@ -16,7 +16,6 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import FastVLMError
 from .errors import APIError, from_input_error
 from .responses import DONE, Completion, finish_reason, sse
 from .schemas import ChatCompletionRequest
@@ -48,9 +47,9 @@ async def chat_completion(request: Request, body: ChatCompletionRequest, state: 
         state.worker.cancel(ticket)
         raise
     if isinstance(verdict, Rejected):
-        raise _refusal(verdict.error)
+        raise from_input_error(verdict.error)
     if isinstance(verdict, Failed):
-        raise APIError(503, verdict.message, code="engine_error", headers={"Retry-After": "1"})
+        raise _failed(verdict)
     completion = Completion(model=state.policy.served_model_name)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -65,12 +64,10 @@ def _busy() -> APIError:
     )
 
 
-def _refusal(error: Exception) -> APIError:
-    if isinstance(error, FastVLMError):
-        return from_input_error(error)
-    return APIError(
-        400, f"The request could not be processed ({type(error).__name__}).", code="invalid_request"
-    )
+def _failed(item: Failed) -> APIError:
+    """A request the engine could not serve: 400, 500, or 503 (retry) as the worker says."""
+    headers = {"Retry-After": "1"} if item.status == 503 else None
+    return APIError(item.status, item.message, code=item.code, headers=headers)
 
 
 async def _collect(
@@ -91,7 +88,7 @@ async def _collect(
             pending.cancel()
     item = pending.result()
     if isinstance(item, Failed):
-        raise APIError(503, item.message, code="engine_error", headers={"Retry-After": "1"})
+        raise _failed(item)
     return JSONResponse(completion.body(item.result))
 
 
@@ -107,7 +104,9 @@ async def _stream(ticket: Ticket, completion: Completion, include_usage: bool) -
     while True:
         item = await ticket.get()
         if isinstance(item, Failed):
-            yield sse(APIError(503, item.message, code="engine_error").body())
+            if item.text:
+                yield sse(completion.chunk({"content": item.text}, with_usage=include_usage))
+            yield sse(_failed(item).body())
             break
         if item.text:
             yield sse(completion.chunk({"content": item.text}, with_usage=include_usage))

@@ -51,6 +51,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.engine_stats: dict[str, int] = {}
+        self.cache: tuple[int, int, int] | None = None  # feature cache: entries, bytes, byte limit
         self.ttft = Histogram(TTFT_BUCKETS)
         self.latency = Histogram(TTFT_BUCKETS)
         self._generated: deque[tuple[float, int]] = deque()  # (time, tokens generated in a step)
@@ -62,10 +63,12 @@ class Metrics:
         with self._lock:
             self.active = active
 
-    def set_engine(self, *, running: int, active: int, stats: dict) -> None:
+    def set_engine(
+        self, *, running: int, active: int, stats: dict, cache: tuple[int, int, int] | None = None
+    ) -> None:
         now = time.monotonic()
         with self._lock:
-            self.running, self.active = running, active
+            self.running, self.active, self.cache = running, active, cache
             self.engine_stats = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
             total = int(stats.get("generated_tokens", 0))
             if self._last_generated is not None and total > self._last_generated:
@@ -159,6 +162,7 @@ class Metrics:
                 "Generated tokens of finished requests.",
                 [("", self.completion_tokens)],
             )
+            self._cache_lines(gauge)
             for key, value in sorted(self.engine_stats.items()):
                 counter(f"fastvlm_engine_{key}_total", f"Engine counter {key}.", [("", value)])
             _histogram(
@@ -174,6 +178,21 @@ class Metrics:
                 self.latency,
             )
         return "\n".join(lines) + "\n"
+
+    def _cache_lines(self, gauge) -> None:
+        if self.cache is None:
+            return
+        entries, nbytes, limit = self.cache
+        hits = self.engine_stats.get("feature_cache_hits", 0)
+        lookups = hits + self.engine_stats.get("images_encoded", 0)
+        gauge("fastvlm_feature_cache_entries", "Image features held for reuse.", [("", entries)])
+        gauge("fastvlm_feature_cache_bytes", "Bytes the feature cache holds.", [("", nbytes)])
+        gauge("fastvlm_feature_cache_max_bytes", "The feature cache's byte limit.", [("", limit)])
+        gauge(
+            "fastvlm_feature_cache_hit_rate",
+            "Images whose features came from the cache, of all images prefilled.",
+            [("", round(hits / lookups, 4) if lookups else 0.0)],
+        )
 
 
 def _family(lines: list[str], kind: str):

@@ -1,15 +1,19 @@
 """The one thread that owns the engine; HTTP handlers talk to it through queues.
 
-The engine is synchronous and not thread-safe, and every call into it (tokenizing,
-decoding images, a model step) can take from milliseconds to seconds. So nothing on
-the event loop touches it: a handler ``submit``s a request and reads a ``Ticket``,
-an asyncio queue the worker fills with ``loop.call_soon_threadsafe``. The loop runs
+The engine is synchronous and not thread-safe, and a model step can take from
+milliseconds to seconds. So nothing on the event loop touches it: a handler
+``submit``s a request and reads a ``Ticket``, an asyncio queue the worker fills with
+``loop.call_soon_threadsafe``. A request's life:
 
-    take new commands -> engine.add_request / engine.cancel -> engine.step -> post events
+    submit -> prepared in a small thread pool (template, tokenizer, image decoding:
+    never on the engine thread, where it would stall every running stream)
+    -> engine thread: add_prepared / cancel -> engine.step -> post events
 
 so new requests join the running batch between decode steps (continuous batching).
-The worker never dies of an engine error: it fails the affected requests, logs the
-traceback and keeps serving. It knows nothing about HTTP or tensors.
+Every ticket gets exactly one final item (a finished event, ``Rejected`` or
+``Failed``) and gives its slot back then, in ``_close``. The worker never dies of an
+engine error: it fails the affected requests, logs the traceback and keeps serving.
+It knows nothing about HTTP or tensors.
 """
 
 from __future__ import annotations
@@ -18,17 +22,27 @@ import asyncio
 import logging
 import queue
 import threading
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import FastVLMError
+from ..errors import ContextLengthError, FastVLMError
+from ..generation.engine import GenerationError
+from ..generation.sampling import NonFiniteLogitsError
 from .metrics import Metrics
 
 log = logging.getLogger("fastvlm.server")
 
+PREPARE_THREADS = 2
+SHUTTING_DOWN = "the server is shutting down"
+
 
 class QueueFull(Exception):
     """Every running slot and queue place is taken."""
+
+
+class _ShuttingDown(Exception):
+    """A request arrived as the preparation pool closed."""
 
 
 @dataclass
@@ -38,26 +52,35 @@ class Accepted:
 
 @dataclass
 class Rejected:
-    """``add_request`` refused the request (bad input: the handler answers 4xx)."""
+    """Preparation refused the request (bad input: the handler answers 4xx)."""
 
-    error: Exception
+    error: FastVLMError
 
 
 @dataclass
 class Failed:
-    """The engine broke while running the request (the handler answers 503 / an error event)."""
+    """The request could not be served; ``status`` is the HTTP status it maps to.
+
+    400: its content turned out unusable only while it ran; 503: model compute failed
+    (retry); 500: a bug of ours (the traceback is in the log).
+    """
 
     message: str
+    status: int = 503
+    code: str = "engine_error"
+    text: str = ""  # what the request's last step produced before it failed (streams show it)
 
 
 @dataclass
 class Ticket:
-    """One request's mailbox: Accepted | Rejected first, then StreamEvents or Failed."""
+    """One request's mailbox: Accepted | Rejected | Failed first, then StreamEvents; the
+    last item is a finished event, Rejected or Failed."""
 
     loop: asyncio.AbstractEventLoop
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     request_id: str | None = None
-    closed: bool = False  # set by the worker when it will post nothing more
+    cancelled: bool = False  # the client left; worker thread only
+    closed: bool = False  # the final item was posted; worker thread only
 
     def post(self, item: Any) -> None:
         try:
@@ -69,8 +92,28 @@ class Ticket:
         return await self.inbox.get()
 
 
+def failure(error: BaseException) -> Failed:
+    """How a request's error reaches its client: the one mapping of errors to statuses."""
+    if isinstance(error, FastVLMError):
+        code = "context_length_exceeded" if isinstance(error, ContextLengthError) else "invalid_value"
+        return Failed(str(error), 400, code)
+    if isinstance(error, GenerationError):
+        return Failed("the engine failed while generating; please retry", 503, "engine_error")
+    if isinstance(error, NonFiniteLogitsError):  # a retry would only repeat it
+        message = "the model's scores for this request became NaN or infinite; try other sampling settings"
+        return Failed(message, 500, "non_finite_logits")
+    return Failed(f"internal error ({type(error).__name__}); see the server log", 500, "internal_error")
+
+
 class EngineWorker:
-    def __init__(self, engine, *, max_queue: int, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine,
+        *,
+        max_queue: int,
+        metrics: Metrics | None = None,
+        prepare_threads: int = PREPARE_THREADS,
+    ) -> None:
         self.engine = engine
         self.max_batch = int(getattr(engine, "max_batch", 1))
         self.capacity = self.max_batch + max_queue
@@ -80,6 +123,7 @@ class EngineWorker:
         self._lock = threading.Lock()
         self._active = 0  # submitted and not yet finished; guarded by _lock
         self._stopping = threading.Event()
+        self._pool = ThreadPoolExecutor(prepare_threads, thread_name_prefix="fastvlm-prepare")
         self._thread = threading.Thread(target=self._run, name="fastvlm-engine", daemon=True)
 
     # -- called from the event loop ---------------------------------------------------
@@ -97,13 +141,19 @@ class EngineWorker:
         return self._thread.is_alive()
 
     def submit(self, request, loop: asyncio.AbstractEventLoop) -> Ticket:
-        """Queue ``request`` for the engine, or raise QueueFull."""
+        """Queue ``request`` for preparation and then the engine, or raise QueueFull."""
         with self._lock:
-            if self._active >= self.capacity:
+            if self._active >= self.capacity or self._stopping.is_set():
                 raise QueueFull
             self._active += 1
         ticket = Ticket(loop)
-        self._commands.put(("add", (request, ticket)))
+        try:
+            future = self._pool.submit(self.engine.prepare, request)
+        except RuntimeError:  # the pool is shut down
+            future = Future()
+            future.set_exception(_ShuttingDown())
+        # Whatever becomes of it (done, failed, cancelled at shutdown), the engine thread hears.
+        future.add_done_callback(lambda f: self._commands.put(("add", (f, ticket))))
         self.metrics.set_active(self.active)
         return ticket
 
@@ -131,19 +181,20 @@ class EngineWorker:
                 self._publish()
             except Exception:  # a bug of ours must not kill the only thread that serves
                 log.exception("engine worker loop failed; failing the running requests")
-                self._fail_all("internal error in the engine worker")
+                self._fail_all(Failed("internal error in the engine worker", 500, "internal_error"))
         self._shut_down()
 
     def _shut_down(self) -> None:
         """Answer everyone still waiting, so no handler hangs on a ticket."""
-        self._fail_all("the server is shutting down")
+        self._pool.shutdown(wait=True, cancel_futures=True)  # every future now has its "add" queued
+        self._fail_all(Failed(SHUTTING_DOWN))
         while True:
             try:
                 kind, payload = self._commands.get_nowait()
             except queue.Empty:
                 return
             if kind == "add":
-                self._close(payload[1], Failed("the server is shutting down"))
+                self._close(payload[1], Failed(SHUTTING_DOWN))
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -161,21 +212,36 @@ class EngineWorker:
             except queue.Empty:
                 return
 
-    def _add(self, request, ticket: Ticket) -> None:
+    def _add(self, prepared: Future, ticket: Ticket) -> None:
+        """Queue a prepared request in the engine, or answer its ticket with why not."""
+        if ticket.cancelled:
+            self._close(ticket, None)
+            return
         try:
-            request_id = self.engine.add_request(request)
-        except Exception as exc:
-            if not isinstance(exc, FastVLMError):
-                log.exception("add_request failed unexpectedly")
+            if self._stopping.is_set():
+                raise _ShuttingDown
+            request_id = self.engine.add_prepared(prepared.result())
+        except FastVLMError as exc:
             self._close(ticket, Rejected(exc))
             self.metrics.request_rejected()
+            return
+        except (_ShuttingDown, CancelledError):
+            self._close(ticket, Failed(SHUTTING_DOWN))
+            return
+        except Exception as exc:  # a bug of ours: not the client's fault
+            log.error("preparing a request failed unexpectedly", exc_info=exc)
+            self._close(ticket, failure(exc))
+            self.metrics.request_failed()
             return
         ticket.request_id = request_id
         self._tickets[request_id] = ticket
         ticket.post(Accepted(request_id))
 
     def _cancel(self, ticket: Ticket) -> None:
-        if ticket.closed or ticket.request_id is None:
+        if ticket.closed or ticket.cancelled:
+            return
+        ticket.cancelled = True  # still being prepared: _add closes it
+        if ticket.request_id is None:
             return
         try:
             self.engine.cancel(ticket.request_id)
@@ -188,44 +254,42 @@ class EngineWorker:
     def _step(self) -> None:
         try:
             events = self.engine.step()
-        except Exception as exc:
-            # The engine names the requests it dropped (GenerationError); the rest go on.
-            dropped = getattr(exc, "request_ids", None)
-            log.error("engine.step failed for %s", dropped or "all requests", exc_info=exc)
-            self._fail(
-                dropped if dropped is not None else list(self._tickets),
-                "the engine failed while generating; please retry",
-            )
+        except Exception as exc:  # the engine fails requests through events; this is a bug
+            log.error("engine.step raised; failing every request in flight", exc_info=exc)
+            self._fail_all(Failed("the engine failed while generating; please retry"))
             return
         self.metrics.observe_step(batch=self.engine.num_running + sum(e.finished for e in events))
         for event in events:
             ticket = self._tickets.get(event.request_id)
             if ticket is None:  # cancelled: its handler is gone
                 continue
-            if event.finished:
-                del self._tickets[event.request_id]
-                self._close(ticket, event)
-                if event.result is not None:
-                    self.metrics.request_finished(event.result)
-            else:
+            if not event.finished:
                 ticket.post(event)
+                continue
+            del self._tickets[event.request_id]
+            if event.error is None:
+                self._close(ticket, event)
+                self.metrics.request_finished(event.result)
+                continue
+            answer = failure(event.error)
+            if answer.status >= 500:
+                log.error("request %s failed", event.request_id, exc_info=event.error)
+            answer.text = event.text
+            self._close(ticket, answer)
+            self.metrics.request_failed()
 
-    def _fail_all(self, message: str) -> None:
-        self._fail(list(self._tickets), message)
-
-    def _fail(self, request_ids: list[str], message: str) -> None:
-        for request_id in request_ids:
-            ticket = self._tickets.pop(request_id, None)
+    def _fail_all(self, answer: Failed) -> None:
+        for request_id in list(self._tickets):
+            ticket = self._tickets.pop(request_id)
             try:
                 self.engine.cancel(request_id)
             except Exception:
                 log.exception("engine.cancel failed")
-            if ticket is not None:
-                self._close(ticket, Failed(message))
-                self.metrics.request_failed()
+            self._close(ticket, answer)
+            self.metrics.request_failed()
 
     def _close(self, ticket: Ticket, last: Any) -> None:
-        """Post the ticket's final item and give its slot back."""
+        """Post the ticket's final item and give its slot back: the only place that does."""
         if ticket.closed:
             return
         ticket.closed = True
@@ -235,9 +299,10 @@ class EngineWorker:
             self._active -= 1
 
     def _publish(self) -> None:
-        running = self.engine.num_running
+        cache = getattr(self.engine, "feature_cache", None)
         self.metrics.set_engine(
-            running=running,
+            running=self.engine.num_running,
             active=self.active,
             stats=dict(getattr(self.engine, "stats", {}) or {}),
+            cache=(len(cache), cache.nbytes, cache.max_bytes) if cache is not None else None,
         )
