@@ -25,7 +25,7 @@ from .errors import InputError
 from .generation.engine import Engine, GenerationRequest, GenerationResult, StreamEvent
 from .generation.sampling import SamplingParams
 from .modeling import FastVLM
-from .models.optimize import SpeedOptions
+from .models.optimize import SpeedOptions, optimize
 from .processing import FastVLMProcessor
 
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
@@ -148,7 +148,12 @@ def load(
     Raises CheckpointError (one line) if it cannot be loaded.
     """
     folder = resolve_checkpoint(model, revision=revision)
-    net = FastVLM.from_pretrained(folder, dtype=dtype, device=device, progress=progress, speed=speed)
+    # Plain first, then the same switches from_pretrained applies: anything that changes
+    # the weights (such as merging an adapter) must see the modules as the checkpoint has them.
+    net = FastVLM.from_pretrained(
+        folder, dtype=dtype, device=device, progress=progress, speed=SpeedOptions.off()
+    )
+    optimize(net, SpeedOptions() if speed is None else speed)
     processor = FastVLMProcessor.from_pretrained(
         folder, allow_remote_images=allow_remote_images, allow_local_images=allow_local_images
     )

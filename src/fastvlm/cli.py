@@ -34,8 +34,8 @@ _DELEGATED = {
 _EXTRA_BY_MODULE = {
     **dict.fromkeys(("fastapi", "uvicorn", "httpx", "starlette", "anyio"), "server"),
     **dict.fromkeys(("transformers", "timm", "torchvision"), "bench"),
-    **dict.fromkeys(("ray", "pyarrow"), "ray"),
-    "peft": "train",
+    "ray": "ray",
+    **dict.fromkeys(("peft", "safetensors"), "train"),
 }
 _EXTRA_BY_COMMAND = {"serve": "server", "bench": "bench", "finetune": "train", "merge": "train"}
 _NO_IMAGE = ("none", "")
