@@ -18,8 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastvlm import FastVLM, FastVLMConfig
-from fastvlm.bench import IMAGE_TOKEN_ID, SIZES
-from fastvlm.config import VisionConfig
+from fastvlm.bench import SIZES
+from fastvlm.config import IMAGE_PLACEHOLDER_ID, VisionConfig
 from fastvlm.models.optimize import SpeedOptions, optimize
 
 
@@ -38,11 +38,11 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision tower")
     args = parser.parse_args()
     torch.set_flush_denormal(True)  # random weights, as in fastvlm bench
-    config = FastVLMConfig(vision=VisionConfig(), text=SIZES[args.size], image_token_id=IMAGE_TOKEN_ID)
+    config = FastVLMConfig(vision=VisionConfig(), text=SIZES[args.size], image_token_id=IMAGE_PLACEHOLDER_ID)
     model = optimize(FastVLM(config).to(torch.bfloat16).eval(), SpeedOptions(compile_vision=args.compile))
     px = torch.rand(1, 3, 1024, 1024).bfloat16()
     ids = torch.randint(0, 150000, (1, 24))
-    ids = torch.cat([ids[:, :5], torch.full((1, 256), IMAGE_TOKEN_ID), ids[:, 5:]], dim=1)  # 280 tokens
+    ids = torch.cat([ids[:, :5], torch.full((1, 256), IMAGE_PLACEHOLDER_ID), ids[:, 5:]], dim=1)  # 280 tokens
 
     def prefill(features: torch.Tensor) -> torch.Tensor:
         embeds = model.embed(ids, features)

@@ -31,10 +31,9 @@ with torch.inference_mode():
         loaded = time.perf_counter()
         model.generate(input_ids=ids, pixel_values=px, max_new_tokens=8, do_sample=False)
     else:
-        from fastvlm import FastVLM
-        from fastvlm.models.optimize import SpeedOptions, optimize
+        from fastvlm import FastVLM, SpeedOptions
         options = SpeedOptions(int8=quantize == "int8", int4=quantize == "int4")
-        model = optimize(FastVLM.from_pretrained(folder, dtype=dtype, device="cpu", progress=False), options)
+        model = FastVLM.from_pretrained(folder, dtype=dtype, device="cpu", progress=False, speed=options)
         loaded = time.perf_counter()
         model.generate(input_ids=ids, pixel_values=px, max_new_tokens=8)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork/exec.

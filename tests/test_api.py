@@ -96,3 +96,28 @@ def test_bad_options_are_one_line_input_errors(vlm):
 def test_load_reports_a_bad_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         fastvlm.load(tmp_path, device="cpu")
+
+
+def test_generate_and_stream_take_a_request(vlm):
+    from fastvlm.api import build_request, image_message
+
+    request = build_request(image_message(IMAGE, "What is shown?"), max_new_tokens=5)
+    result = vlm.generate(request)
+    assert result.usage.completion_tokens <= 5
+    again = build_request(image_message(IMAGE, "What is shown?"), max_new_tokens=5)
+    assert "".join(vlm.stream(again)) == result.text
+    assert "FusedAttention" in repr(vlm.model)  # load gives the fast modules by default
+
+
+def test_load_can_refuse_local_image_files(tiny_checkpoint_dir):
+    strict = fastvlm.load(
+        tiny_checkpoint_dir,
+        device="cpu",
+        dtype="float32",
+        progress=False,
+        allow_local_images=False,
+        allow_remote_images=False,
+    )
+    with pytest.raises(InputError):
+        strict.ask(IMAGE, "What is shown?", max_new_tokens=2)
+    assert strict.ask(Image.open(IMAGE), "What is shown?", max_new_tokens=2) is not None

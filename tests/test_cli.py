@@ -184,3 +184,37 @@ def test_info_on_a_hub_id_fetches_headers_not_weights(tiny, tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", offline)
     with pytest.raises(CheckpointError, match="could not read the weight headers of 'someone/tiny-fastvlm'"):
         describe_checkpoint("someone/tiny-fastvlm")
+
+
+@pytest.mark.parametrize(
+    "command, missing, extra",
+    [
+        ("serve", "fastapi", "server"),
+        ("bench", "transformers", "bench"),
+        ("batch", "ray", "ray"),
+        ("finetune", "peft", "train"),
+        ("serve", "pydantic_core", "server"),  # not ours to name: the command's own extra
+    ],
+)
+def test_missing_dependency_names_the_extra_that_installs_it(monkeypatch, capsys, command, missing, extra):
+    import importlib
+
+    def import_module(name):
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    assert cli.main([command]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"; install fastvlm[{extra}]"), err
+
+
+def test_a_broken_delegated_module_names_no_extra(monkeypatch, capsys):
+    import importlib
+
+    def import_module(name):
+        raise SyntaxError("invalid syntax")
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "SyntaxError" in err and "install" not in err

@@ -1,5 +1,7 @@
 """Our FastVLM against transformers' FastVlmForConditionalGeneration on the same tiny weights.
 
+Both forms of ours are held to the reference: the fast default of ``from_pretrained``
+and the plain modules of ``SpeedOptions.off()``.
 Tolerance: max |ours - ref| / max |ref| <= 1e-4 in float32; greedy tokens identical.
 """
 
@@ -11,8 +13,9 @@ import pytest
 import torch
 
 import builders
-from fastvlm import FastVLM
+from fastvlm import FastVLM, SpeedOptions
 from fastvlm.errors import CheckpointError
+from fastvlm.models.qwen2 import FusedAttention
 
 torch.set_grad_enabled(False)
 TOL = 1e-4
@@ -43,10 +46,19 @@ def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, t
 
 
 @pytest.fixture(scope="module", params=["fused", "unfused"])
-def pair(request, tmp_path_factory):
+def checkpoint(request, tmp_path_factory):
+    """(folder, reference) for a tower saved in fused or training form."""
     ref = builders.build_reference(fused=request.param == "fused", seed=1)
-    folder = builders.save_reference(ref, tmp_path_factory.mktemp(request.param))
-    ours = FastVLM.from_pretrained(folder, dtype=torch.float32, device="cpu", progress=False)
+    return builders.save_reference(ref, tmp_path_factory.mktemp(request.param)), ref
+
+
+@pytest.fixture(scope="module", params=["fast", "plain"])
+def pair(request, checkpoint):
+    folder, ref = checkpoint
+    speed = SpeedOptions() if request.param == "fast" else SpeedOptions.off()
+    ours = FastVLM.from_pretrained(folder, dtype=torch.float32, device="cpu", progress=False, speed=speed)
+    fused = isinstance(ours.language_model.layers[0].self_attn, FusedAttention)
+    assert fused == (request.param == "fast") == ours.vision_tower.channels_last
     return ours, ref
 
 
@@ -151,12 +163,15 @@ def test_generated_placeholder_id_is_embedded_as_text(pair, inputs, monkeypatch)
 @pytest.mark.parametrize("tied", [True, False])
 def test_tied_and_untied_heads(tmp_path, tied):
     ref = builders.build_reference(tied=tied, seed=2)
-    ours = FastVLM.from_pretrained(
-        builders.save_reference(ref, tmp_path), dtype=torch.float32, progress=False
-    )
-    assert (ours.lm_head.weight is ours.language_model.embed_tokens.weight) == tied
+    folder = builders.save_reference(ref, tmp_path)
+    plain = FastVLM.from_pretrained(folder, dtype=torch.float32, progress=False, speed=SpeedOptions.off())
+    assert (plain.lm_head.weight is plain.language_model.embed_tokens.weight) == tied
+    # The fast float32 layout stores the head transposed; a tied embedding reads it through a view.
+    fast = FastVLM.from_pretrained(folder, dtype=torch.float32, progress=False)
+    assert (fast.lm_head.weight_t.data_ptr() == fast.language_model.embed_tokens.weight.data_ptr()) == tied
     ids = torch.randint(3, 900, (1, 10))
-    assert rel_diff(ours(input_ids=ids).logits, ref(input_ids=ids).logits) <= TOL
+    for ours in (plain, fast):
+        assert rel_diff(ours(input_ids=ids).logits, ref(input_ids=ids).logits) <= TOL
 
 
 def test_sharded_checkpoint(tmp_path):

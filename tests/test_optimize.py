@@ -10,6 +10,7 @@ import torch
 import builders
 from fastvlm import FastVLM
 from fastvlm.models.optimize import SpeedOptions, optimize
+from fastvlm.models.qwen2 import Attention, FusedAttention, FusedMLP
 
 torch.set_grad_enabled(False)
 
@@ -18,7 +19,7 @@ torch.set_grad_enabled(False)
 def plain(tmp_path_factory):
     ref = builders.build_reference(seed=11)
     folder = builders.save_reference(ref, tmp_path_factory.mktemp("opt"))
-    return FastVLM.from_pretrained(folder, dtype=torch.float32, progress=False)
+    return FastVLM.from_pretrained(folder, dtype=torch.float32, progress=False, speed=SpeedOptions.off())
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fused_projections_and_channels_last_equal_plain(plain, inputs):
     ids, px = inputs
     fast = optimize(copy.deepcopy(plain), SpeedOptions(fuse_projections=True, channels_last=True))
-    assert hasattr(fast.language_model.layers[0].self_attn, "qkv_proj")
+    layer = fast.language_model.layers[0]
+    assert isinstance(layer.self_attn, FusedAttention) and isinstance(layer.mlp, FusedMLP)
+    assert fast.vision_tower.channels_last
     assert _rel(fast.get_image_features(px), plain.get_image_features(px)) <= 1e-5
     assert _rel(fast(ids, pixel_values=px).logits, plain(ids, pixel_values=px).logits) <= 1e-5
     kwargs = {"input_ids": ids, "pixel_values": px, "max_new_tokens": 10}
@@ -76,23 +79,23 @@ def test_compiled_vision_tower_matches_eager(plain, inputs):
     _, px = inputs
     fast = optimize(copy.deepcopy(plain), SpeedOptions(compile_vision=True))
     got = fast.get_image_features(px)
-    assert not fast.vision_forward.failed, "torch.compile fell back to eager"
-    assert fast.vision_forward.compile_seconds is not None
+    compiled = fast.vision_tower.compiled
+    assert not compiled.failed, f"torch.compile fell back to eager: {compiled.failed}"
+    assert compiled.compile_seconds is not None
     assert _rel(got, plain.get_image_features(px)) <= 1e-4
 
 
 def test_int8_prefill_path_matches_decode_path(plain, inputs):
-    from fastvlm.models.quantize import Int8Linear
+    from fastvlm.models.quantize import Int8Linear, quantize_int8
 
     ids, px = inputs
-    quant = optimize(copy.deepcopy(plain).to(torch.bfloat16), SpeedOptions(int8=True))
+    base = copy.deepcopy(plain).to(torch.bfloat16)
+    quant = optimize(copy.deepcopy(base), SpeedOptions(int8=True))
     packed = quant(ids, pixel_values=px).logits
-    Int8Linear.packed_max_rows = 0  # force the dequantise + dense matmul path
-    try:
-        dense = quant(ids, pixel_values=px).logits
-    finally:
-        Int8Linear.packed_max_rows = 16
-    assert _rel(dense, packed) <= 0.02
+    dense = copy.deepcopy(base)
+    quantize_int8(dense, packed_max_rows=0)  # every call takes the dequantise + dense matmul path
+    assert isinstance(dense.lm_head, Int8Linear) and "packed_max_rows=0" in repr(dense.lm_head)
+    assert _rel(dense(ids, pixel_values=px).logits, packed) <= 0.02
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -135,11 +138,9 @@ def test_int4_kernel_matches_its_dequantized_weight(rows):
     x = torch.randn(rows, 192, generator=g).to(torch.bfloat16)
     eager = torch.nn.functional.linear(x.float(), weight, linear.bias.float())
     assert _rel(quant(x), eager) <= 0.02
-    Int4Linear.kernel_max_rows = 0  # the dequantise + dense matmul path
-    try:
-        assert _rel(quant(x), eager) <= 0.02
-    finally:
-        Int4Linear.kernel_max_rows = 192
+    dense = Int4Linear(linear.to(torch.bfloat16), group_size=64, kernel_max_rows=0)  # dequantise + matmul
+    assert torch.equal(dense.packed, quant.packed)
+    assert _rel(dense(x), eager) <= 0.02
     strided = torch.randn(192, rows, generator=g).to(torch.bfloat16).t()  # (rows, 192), not contiguous
     assert (
         _rel(quant(strided), torch.nn.functional.linear(strided.float(), weight, linear.bias.float())) <= 0.02
@@ -176,7 +177,7 @@ def test_impossible_options_are_refused_before_any_change(plain):
     model = copy.deepcopy(plain)
     with pytest.raises(FastVLMError, match="int8 or int4"):
         optimize(model, SpeedOptions(int8=True, int4=True))
-    assert isinstance(model.language_model.layers[0].self_attn.q_proj, torch.nn.Linear)  # not fused
+    assert type(model.language_model.layers[0].self_attn) is Attention  # not fused
     # float32's default optimisation transposes the weights that quantising would replace.
     optimize(model)
     with pytest.raises(FastVLMError, match="freshly loaded"):
@@ -191,9 +192,64 @@ def test_loading_does_not_import_sympy(tiny_checkpoint_dir):
 
     code = (
         "import sys, fastvlm\n"
-        "from fastvlm.models.optimize import optimize\n"
-        f"optimize(fastvlm.FastVLM.from_pretrained({str(tiny_checkpoint_dir)!r}, progress=False))\n"
+        f"fastvlm.FastVLM.from_pretrained({str(tiny_checkpoint_dir)!r}, progress=False)\n"
         "print('sympy' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_switch_shows_in_repr(plain):
+    text = repr(plain)
+    assert "FusedAttention" not in text and "channels_last=False, compiled=False" in text
+    fast = optimize(copy.deepcopy(plain), SpeedOptions(compile_vision=True))
+    text = repr(fast)
+    assert "(self_attn): FusedAttention(" in text and "(mlp): FusedMLP(" in text
+    assert "channels_last=True, compiled=True" in text and "TransposedLinear(" in text
+    assert repr(optimize(fast, SpeedOptions(compile_vision=True))) == text  # applying again changes nothing
+
+
+def test_from_pretrained_is_fast_by_default_and_plain_when_asked(tiny_checkpoint_dir):
+    fast = FastVLM.from_pretrained(tiny_checkpoint_dir, dtype=torch.bfloat16, progress=False)
+    assert isinstance(fast.language_model.layers[0].self_attn, FusedAttention)
+    assert fast.vision_tower.channels_last
+    plain = FastVLM.from_pretrained(
+        tiny_checkpoint_dir, dtype=torch.bfloat16, progress=False, speed=SpeedOptions.off()
+    )
+    assert type(plain.language_model.layers[0].self_attn) is Attention
+    assert not plain.vision_tower.channels_last and plain.source == str(tiny_checkpoint_dir)
+
+
+def _compiled_raising(monkeypatch, error: BaseException):
+    from fastvlm.models import optimize as optimize_module
+
+    def fake_compile(fn, **kwargs):
+        def run(x):
+            raise error
+
+        return run
+
+    monkeypatch.setattr(optimize_module.torch, "compile", fake_compile)
+    return optimize_module.CompiledWithFallback(lambda x: x + 1)
+
+
+def test_compile_failure_falls_back_once_and_says_why(monkeypatch):
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    compiled = _compiled_raising(monkeypatch, InvalidCxxCompiler())
+    x = torch.zeros(2)
+    with pytest.warns(UserWarning, match="torch.compile failed .InvalidCxxCompiler: No working C.. compiler"):
+        assert torch.equal(compiled(x), x + 1)
+    assert compiled.failed.startswith("InvalidCxxCompiler")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the next call is quietly eager
+        assert torch.equal(compiled(x), x + 1)
+
+
+def test_other_errors_in_a_compiled_call_are_not_hidden(monkeypatch):
+    compiled = _compiled_raising(monkeypatch, MemoryError("out of memory"))
+    with pytest.raises(MemoryError):
+        compiled(torch.zeros(2))
+    assert compiled.failed is None

@@ -12,7 +12,7 @@ from .generation.engine import (
     Timings,
     Usage,
 )
-from .models.fastvlm import FastVLM
+from .modeling import FastVLM
 from .models.optimize import SpeedOptions
 from .processing import FastVLMProcessor
 

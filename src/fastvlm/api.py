@@ -16,11 +16,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .checkpoints.hub import DEFAULT_MODEL
+from .checkpoints.files import read_config_json
+from .checkpoints.hub import DEFAULT_MODEL, hub_safetensors_headers, is_hub_id, resolve_checkpoint
+from .checkpoints.loader import apply_generation_config, weight_files
+from .checkpoints.safetensors_io import SafetensorsReader
+from .config import FastVLMConfig
 from .errors import InputError
 from .generation.engine import Engine, GenerationRequest, GenerationResult, StreamEvent
 from .generation.sampling import SamplingParams
+from .modeling import FastVLM
 from .models.optimize import SpeedOptions, optimize
+from .processing import FastVLMProcessor
 
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 _REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids")
@@ -56,10 +62,24 @@ def image_message(image: Any, prompt: str) -> list[dict]:
 
 
 class VLM:
-    """A loaded model, its processor and a batching engine, behind three methods."""
+    """A loaded model, its processor and a batching engine.
 
-    def __init__(self, model, processor, engine: Engine) -> None:
+    ``ask``, ``chat`` and ``batch`` take messages and keyword options; ``generate`` and
+    ``stream`` take a ``GenerationRequest`` made by ``build_request`` (so a caller can
+    check its options before the model is loaded, as the CLI does).
+    """
+
+    def __init__(self, model: FastVLM, processor: FastVLMProcessor, engine: Engine) -> None:
         self.model, self.processor, self.engine = model, processor, engine
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run one request to the end."""
+        return self.engine.generate([request])[0]
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """The answer's text pieces as they are decoded; ``close()`` the iterator to stop early
+        (the request's cache row is freed)."""
+        return self.engine.stream(request)
 
     def ask(self, image: Any = None, prompt: str | None = None, *, stream: bool = False, **options: Any):
         """Answer ``prompt`` about ``image`` (path, URL, PIL image, bytes, base64, a list, or None).
@@ -69,9 +89,7 @@ class VLM:
         if prompt is None:
             raise InputError("ask(image, prompt) needs a prompt; for text only call ask(None, prompt)")
         request = build_request(image_message(image, prompt), **options)
-        if stream:
-            return self.engine.stream(request)
-        return self.engine.generate([request])[0].text
+        return self.stream(request) if stream else self.generate(request).text
 
     def chat(
         self, messages: list[dict], *, stream: bool = False, **options: Any
@@ -80,7 +98,7 @@ class VLM:
         request = build_request(messages, **options)
         if stream:
             return self.engine.stream_events(request)
-        return self.engine.generate([request])[0]
+        return self.generate(request)
 
     def batch(self, conversations: list[Any], **options: Any) -> list[GenerationResult]:
         """Run several conversations together. Each item is a list of messages, or a dict
@@ -98,7 +116,7 @@ class VLM:
 
     def __repr__(self) -> str:
         return (
-            f"VLM(source={getattr(self.model, 'source', None)!r}, device={self.model.device}, "
+            f"VLM(source={self.model.source!r}, device={self.model.device}, "
             f"dtype={self.model.dtype}, max_batch={self.engine.max_batch})"
         )
 
@@ -114,6 +132,8 @@ def load(
     revision: str | None = None,
     progress: bool = True,
     speed: SpeedOptions | None = None,
+    allow_remote_images: bool = True,
+    allow_local_images: bool = True,
     allow_private_image_hosts: bool = False,
 ) -> VLM:
     """Load a checkpoint (local folder or hub id, either format) ready to answer questions.
@@ -122,17 +142,25 @@ def load(
     native bf16, else fp32). ``speed`` picks the fast paths (default ``SpeedOptions()``:
     fused projections and channels-last vision; ``SpeedOptions(int8=True)`` or
     ``int4=True`` quantise the decoder's weights; ``SpeedOptions.off()`` keeps the plain
-    reference modules). Image URLs are fetched from public hosts only unless
+    reference modules). ``max_batch``, ``max_seq_len`` and ``feature_cache_size`` size
+    the engine (see ``Engine``). ``allow_remote_images``/``allow_local_images`` say
+    whether image parts may name URLs or local files (a server that decodes images
+    itself turns both off); URLs are fetched from public hosts only unless
     ``allow_private_image_hosts`` (localhost, LAN, link-local, ...).
     Raises CheckpointError (one line) if it cannot be loaded.
     """
-    from .models.fastvlm import FastVLM
-    from .processing import FastVLMProcessor
-
-    net = FastVLM.from_pretrained(model, dtype=dtype, device=device, revision=revision, progress=progress)
+    folder = resolve_checkpoint(model, revision=revision)
+    # Plain first, then the same switches from_pretrained applies: anything that changes
+    # the weights (such as merging an adapter) must see the modules as the checkpoint has them.
+    net = FastVLM.from_pretrained(
+        folder, dtype=dtype, device=device, progress=progress, speed=SpeedOptions.off()
+    )
     optimize(net, SpeedOptions() if speed is None else speed)
     processor = FastVLMProcessor.from_pretrained(
-        net.source, allow_private_image_hosts=allow_private_image_hosts
+        folder,
+        allow_remote_images=allow_remote_images,
+        allow_local_images=allow_local_images,
+        allow_private_image_hosts=allow_private_image_hosts,
     )
     engine = Engine(
         net, processor, max_batch=max_batch, max_seq_len=max_seq_len, feature_cache_size=feature_cache_size
@@ -147,12 +175,6 @@ def describe_checkpoint(src: str) -> dict[str, Any]:
     instant even for large checkpoints. For a hub id only the small files are downloaded
     and the weight headers are fetched with range requests.
     """
-    from .checkpoints.formats import read_config_json
-    from .checkpoints.hub import hub_safetensors_headers, is_hub_id, resolve_checkpoint
-    from .checkpoints.loader import apply_generation_config, weight_files
-    from .config import FastVLMConfig
-    from .processing import FastVLMProcessor
-
     if is_hub_id(src):
         folder = resolve_checkpoint(src, weights=False)
         weights = _weight_stats(hub_safetensors_headers(str(src)))
@@ -188,8 +210,6 @@ _SAFETENSORS_DTYPES.update({"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"
 
 def _local_header(path: Path) -> tuple[dict | None, int]:
     """(safetensors header or None for a pickle, file size) of one weight file."""
-    from .checkpoints.safetensors_io import SafetensorsReader
-
     if path.suffix != ".safetensors":
         return None, path.stat().st_size  # a pickle cannot be inspected without loading it
     reader = SafetensorsReader(path)  # reads the header only

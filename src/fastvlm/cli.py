@@ -29,6 +29,15 @@ _DELEGATED = {
     "finetune": ("fastvlm.training.cli", "fine-tune on your own images (LoRA or full)"),
     "merge": ("fastvlm.training.merge", "merge a LoRA adapter into its base checkpoint"),
 }
+# The extra that installs what a command needs: by the missing module when the import
+# error names one, else by command.
+_EXTRA_BY_MODULE = {
+    **dict.fromkeys(("fastapi", "uvicorn", "httpx", "starlette", "anyio"), "server"),
+    **dict.fromkeys(("transformers", "timm", "torchvision"), "bench"),
+    "ray": "ray",
+    **dict.fromkeys(("peft", "safetensors"), "train"),
+}
+_EXTRA_BY_COMMAND = {"serve": "server", "bench": "bench", "finetune": "train", "merge": "train"}
 _NO_IMAGE = ("none", "")
 
 
@@ -87,11 +96,23 @@ def _delegate(name: str, module: str):
     try:
         mod = importlib.import_module(module)
     except Exception as exc:  # missing, or present but broken: the other commands still work
-        reason = f"{type(exc).__name__}: {exc}"
-        raise UsageError(f"'fastvlm {name}' is unavailable ({reason}); install fastvlm[server]") from None
+        raise UsageError(
+            f"'fastvlm {name}' is unavailable ({type(exc).__name__}: {exc}){_install_hint(name, exc)}"
+        ) from None
     if not (callable(getattr(mod, "add_arguments", None)) and callable(getattr(mod, "run", None))):
         raise UsageError(f"'fastvlm {name}' is unavailable: {module} lacks add_arguments/run")
     return mod
+
+
+def _install_hint(command: str, exc: Exception) -> str:
+    """'; install fastvlm[EXTRA]' naming the extra that provides the missing module."""
+    if not isinstance(exc, ImportError) or not exc.name:
+        return ""  # the module is there but broken: no extra would fix it
+    top = exc.name.split(".")[0]
+    if top == "fastvlm":
+        return "; reinstall fastvlm"  # one of our own modules is missing
+    extra = _EXTRA_BY_MODULE.get(top, _EXTRA_BY_COMMAND.get(command))
+    return f"; install fastvlm[{extra}]" if extra else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +170,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
-    from .api import load
-    from .models.optimize import SpeedOptions
+    from .api import SpeedOptions, load
 
     # Progress bars only on a terminal: a redirected stderr should hold errors, not bars.
     return load(
@@ -183,11 +203,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     request = build_request(image_message(image, args.prompt), **_options(args))
     vlm = _load(args)
     if args.json:
-        result = vlm.engine.generate([request])[0]
+        result = vlm.generate(request)
         out = {k: v for k, v in asdict(result).items() if k != "token_ids"}
         print(json.dumps(out, ensure_ascii=False))
         return 0
-    for piece in vlm.engine.stream(request):
+    for piece in vlm.stream(request):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -246,7 +266,7 @@ def _answer(vlm, request) -> str | None:
 
     pieces: list[str] = []
     try:
-        stream = vlm.engine.stream(request)
+        stream = vlm.stream(request)
         try:
             for piece in stream:
                 pieces.append(piece)

@@ -1,23 +1,51 @@
 """Typed model configuration, built from either checkpoint format's config.json.
 
-The dataclasses here describe architecture only. Which keys a checkpoint uses is
-the business of ``fastvlm.checkpoints``; how text and images are turned into
-tensors is the business of ``fastvlm.processing``.
+The dataclasses here describe architecture only, and this module sits at the bottom
+of the package: it reads no files and imports nothing of ours but the errors. Which
+keys a checkpoint uses is the business of ``fastvlm.checkpoints``; how text and images
+are turned into tensors is the business of ``fastvlm.processing``.
+
+The checkpoint format is decided here, from config.json alone, because the format
+decides how the rest of that file is read. Two published layouts exist:
+
+* ``fast_vlm``: Hugging Face transformers' ``FastVlmForConditionalGeneration``
+  (vision tower = timm ``fastvit_mci3``), image placeholder ``<image>`` in the vocabulary.
+* ``llava_qwen2``: Apple's original ml-fastvlm code, image marked by -200 in ``input_ids``.
+
+The format decides key names, the prompt format and image preprocessing, so it is
+decided once here and never guessed from tensor shapes or file names.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
-from .checkpoints.formats import APPLE_FORMAT, HF_FORMAT, Format, detect_format
 from .errors import CheckpointError
 
-# The placeholder id that marks image positions in ``input_ids``. The transformers
-# checkpoints have ``<image>`` at this id; Apple's checkpoints mark images with -200,
-# which cannot be embedded, so we use the same (otherwise unused) row for both.
-DEFAULT_IMAGE_TOKEN_ID = 151646
+Format = Literal["fast_vlm", "llava_qwen2"]
+HF_FORMAT: Format = "fast_vlm"
+APPLE_FORMAT: Format = "llava_qwen2"
+
+# The id that marks an image position in ``input_ids``. The transformers checkpoints
+# have ``<image>`` at this id; Apple's checkpoints mark images with -200, which cannot
+# be embedded, so we use the same (otherwise unused) row of their 151936-row table. The
+# model never embeds these positions: it overwrites them with image features.
+IMAGE_PLACEHOLDER_ID = 151646
+
+
+def detect_format(config: dict[str, Any]) -> Format:
+    """The checkpoint layout a config.json describes; CheckpointError if it is not FastVLM."""
+    model_type = config.get("model_type")
+    if model_type == HF_FORMAT:
+        return HF_FORMAT
+    if model_type == APPLE_FORMAT or (model_type == "qwen2" and "mm_vision_tower" in config):
+        return APPLE_FORMAT
+    raise CheckpointError(
+        f"config.json has model_type {model_type!r}, not a FastVLM checkpoint; expected "
+        f"'{HF_FORMAT}' (transformers) or '{APPLE_FORMAT}' (Apple ml-fastvlm)"
+    )
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -42,7 +70,6 @@ class VisionConfig:
     down_patch_size: int = 7
     down_stride: int = 2
     lkc_use_act: bool = True
-    stem_use_scale_branch: bool = False
     layer_scale: bool = True
     cls_ratio: float = 2.0
     in_chans: int = 3
@@ -149,7 +176,7 @@ class FastVLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     format: Format = HF_FORMAT
-    image_token_id: int = DEFAULT_IMAGE_TOKEN_ID
+    image_token_id: int = IMAGE_PLACEHOLDER_ID
     projector_bias: bool = True
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -185,7 +212,7 @@ def _from_hf(data: dict[str, Any]) -> FastVLMConfig:
         vision=VisionConfig.from_timm_args(vision.get("model_args"), image_size),
         text=text,
         format=HF_FORMAT,
-        image_token_id=int(data.get("image_token_index", data.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID))),
+        image_token_id=int(data.get("image_token_index", data.get("image_token_id", IMAGE_PLACEHOLDER_ID))),
         projector_bias=bool(data.get("multimodal_projector_bias", True)),
         eos_token_id=text_data.get("eos_token_id", data.get("eos_token_id")),
     )
@@ -206,7 +233,7 @@ def _from_apple(data: dict[str, Any]) -> FastVLMConfig:
         vision=VisionConfig.from_timm_args(data.get("vision_model_args"), int(match.group(1))),
         text=text,
         format=APPLE_FORMAT,
-        image_token_id=DEFAULT_IMAGE_TOKEN_ID,
+        image_token_id=IMAGE_PLACEHOLDER_ID,
         eos_token_id=data.get("eos_token_id"),
     )
 

@@ -1,8 +1,9 @@
-"""Load a checkpoint of either format into a ``FastVLM``.
+"""Load a checkpoint of either format into a model of the class the caller names.
 
 The model is built on the meta device and each tensor is read, converted and placed
 on the target device one at a time, so a second full copy of the weights never
-exists in memory.
+exists in memory. The model comes back plain, as the checkpoint describes it, in eval
+mode; speed switches are the caller's (``models.optimize``).
 """
 
 from __future__ import annotations
@@ -12,18 +13,22 @@ import os
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import FastVLMConfig
+from ..config import APPLE_FORMAT, FastVLMConfig
 from ..device import resolve_device, resolve_dtype
 from ..errors import CheckpointError
-from .formats import APPLE_FORMAT, read_config_json
+from ..models.fastvlm import FastVLMCore
+from .files import read_config_json, read_optional_json
 from .fusion import LazyState, fuse_vision_state
 from .hub import resolve_checkpoint
 from .keymap import apple_network_table, apple_to_hf, hf_to_ours
 from .safetensors_io import SafetensorsReader
+
+Model = TypeVar("Model", bound=FastVLMCore)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -130,42 +135,57 @@ def _progress(items, enabled: bool, total: int) -> Iterator:
 
 def apply_generation_config(config: FastVLMConfig, folder: Path) -> None:
     """Stop and pad ids from generation_config.json override config.json's, as in transformers."""
-    path = folder / "generation_config.json"
-    if not path.is_file():
+    gen = read_optional_json(folder, "generation_config.json")
+    if gen is None:
         return
-    try:
-        gen = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or delete it") from exc
     if gen.get("eos_token_id") is not None:
         config.eos_token_id = gen["eos_token_id"]
     if gen.get("pad_token_id") is not None:
         config.pad_token_id = gen["pad_token_id"]
 
 
-def _build(config: FastVLMConfig, source: LazyState, dtype, device, progress: bool):
-    """A FastVLM from lazily read source tensors (either format's key names), in eval mode."""
-    from ..models.fastvlm import FastVLM
-
+def _build(
+    model_class: type[Model],
+    config: FastVLMConfig,
+    source: LazyState,
+    dtype,
+    device,
+    progress: bool,
+    folder: Path | None = None,
+) -> Model:
+    """A ``model_class`` from lazily read source tensors (either format's key names), in eval mode."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     with torch.device("meta"):
-        model = FastVLM(config)
+        model = model_class(config, source=None if folder is None else str(folder))
     load_state(model, fuse_vision_state(_rename(source, config)), dt, dev, progress)
     return model.eval()
 
 
-def model_from_state_dict(config: FastVLMConfig, state_dict: dict, *, dtype=None, device=None):
+def model_from_state_dict(
+    config: FastVLMConfig,
+    state_dict: dict,
+    *,
+    model_class: type[Model] = FastVLMCore,
+    dtype=None,
+    device=None,
+) -> Model:
     """Build a model from an in-memory state dict in either format's key names."""
-    return _build(config, {k: partial(lambda v: v, v) for k, v in state_dict.items()}, dtype, device, False)
+    lazy = {k: partial(lambda v: v, v) for k, v in state_dict.items()}
+    return _build(model_class, config, lazy, dtype, device, False)
 
 
 def load_model(
-    src: str | os.PathLike, *, dtype=None, device=None, revision: str | None = None, progress: bool = True
-):
+    src: str | os.PathLike,
+    *,
+    model_class: type[Model] = FastVLMCore,
+    dtype=None,
+    device=None,
+    revision: str | None = None,
+    progress: bool = True,
+) -> Model:
+    """Resolve ``src`` (folder or hub id), read its config and weights into a ``model_class``."""
     folder = resolve_checkpoint(src, revision=revision)
     config = FastVLMConfig.from_dict(read_config_json(folder))
     apply_generation_config(config, folder)
-    model = _build(config, _open_lazy(weight_files(folder)), dtype, device, progress)
-    model.source = str(folder)
-    return model
+    return _build(model_class, config, _open_lazy(weight_files(folder)), dtype, device, progress, folder)

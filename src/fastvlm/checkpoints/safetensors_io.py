@@ -1,11 +1,15 @@
 """Read tensors out of a .safetensors file one at a time with plain file reads.
 
-Memory-mapping a checkpoint (what ``safetensors.safe_open`` does) keeps every page
-it touched resident and counted against the process until the file is closed, so
-loading through it briefly holds the weights twice: the mapped file and our
-converted copies. Reading each tensor straight into its own buffer keeps exactly
-one copy. The format is a little-endian u64 header length, a JSON header with each
-tensor's dtype, shape and byte range, then the raw data.
+This is why fastvlm does not depend on the ``safetensors`` package: its ``safe_open``
+memory-maps the file, and every page a tensor touched stays resident and counted
+against the process until the file is closed. When a tensor is kept as stored that
+costs nothing extra, but the loader converts (dtype casts, training-form fusion in
+float32), and then the mapped source and the converted copy are both resident:
+converting a 384 MiB float32 file to bfloat16 peaked at 1128 MiB through ``safe_open``
+against 832 MiB here (safetensors 0.8, VmHWM). Reading each tensor straight into its
+own buffer keeps one copy. The header alone (``SafetensorsReader(path).entries``) is
+what ``fastvlm info`` reads. The format is a little-endian u64 header length, a JSON
+header with each tensor's dtype, shape and byte range, then the raw data.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ..processing.streaming import StreamDecoder
+from ..processing.tokenizer import StreamDecoder
 from .stopping import find_stop, holdback_start
 
 

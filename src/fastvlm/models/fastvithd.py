@@ -10,6 +10,8 @@ Input (B, 3, S, S) in [0, 1]; output (B, num_features, S/64, S/64).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,9 +131,6 @@ class LayerNorm2d(nn.LayerNorm):
 class Attention(nn.Module):
     """Multi-head self-attention over all H*W positions; no qkv bias."""
 
-    # Switched off by tests to compare with the reference's explicit softmax(QK^T)V.
-    use_sdpa: bool = True
-
     def __init__(self, dim: int, head_dim: int) -> None:
         super().__init__()
         self.num_heads = dim // head_dim
@@ -145,11 +144,7 @@ class Attention(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hd)
-        if self.use_sdpa:
-            x = F.scaled_dot_product_attention(q, k, v)
-        else:
-            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, nh, N, N)
-            x = attn.softmax(dim=-1) @ v
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
         x = self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
         return x.transpose(1, 2).reshape(B, C, H, W)
 
@@ -221,6 +216,19 @@ class FastViTHD(nn.Module):
         self.stages = nn.Sequential(*stages)
         # group_size=1 in timm: one group per input channel, two outputs each.
         self.final_conv = ReparamConv(cin, cfg.num_features, 3, groups=cin, se=1 / 16)
+        # Speed switches, set only by ``models.optimize``; off, the tower is the plain reference.
+        self.channels_last = False  # NHWC pixels into NHWC weights (oneDNN and cuDNN favour it)
+        self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # ``features``, compiled
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels -> (B, num_features, S/64, S/64)."""
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return (self.compiled or self.features)(pixel_values)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The eager forward (what ``compiled`` compiles)."""
         return self.final_conv(self.stages(self.stem(pixel_values)))
+
+    def extra_repr(self) -> str:
+        return f"channels_last={self.channels_last}, compiled={self.compiled is not None}"

@@ -2,12 +2,13 @@
 
 Image features replace the image placeholder positions of the embedded prompt, in
 order. The model works on tensors only: tokenisation and image preprocessing live
-in ``fastvlm.processing``, decoding loops in ``fastvlm.generation``.
+in ``fastvlm.processing``, loading in ``fastvlm.checkpoints``, decoding loops in
+``fastvlm.generation``. ``fastvlm.FastVLM`` (in ``fastvlm.modeling``, above all of
+those) adds the transformers-style ``from_pretrained`` and ``generate``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -51,34 +52,20 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (causal & keys) | eye  # (B, 1, T, T)
 
 
-class FastVLM(nn.Module):
-    # Set by models.optimize: feed the vision tower NHWC pixels; a compiled tower to call.
-    vision_channels_last: bool = False
-    vision_forward = None
+class FastVLMCore(nn.Module):
+    """The network, built from a config with random (or meta) weights; see the module doc."""
 
-    def __init__(self, config: FastVLMConfig) -> None:
+    def __init__(self, config: FastVLMConfig, *, source: str | None = None) -> None:
         super().__init__()
         self.config = config
+        self.source = source  # the checkpoint folder the weights came from, if any
         self.vision_tower = FastViTHD(config.vision)
         self.projector = Projector(config)
         self.language_model = Qwen2Model(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
-    # -- loading -----------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        src: str | os.PathLike,
-        *,
-        dtype: torch.dtype | str | None = None,
-        device: torch.device | str | None = None,
-        revision: str | None = None,
-        progress: bool = True,
-    ) -> FastVLM:
-        """Load either checkpoint format from a folder or hub id, in eval mode."""
-        from ..checkpoints.loader import load_model
-
-        return load_model(src, dtype=dtype, device=device, revision=revision, progress=progress)
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}"
 
     @property
     def device(self) -> torch.device:
@@ -92,11 +79,7 @@ class FastVLM(nn.Module):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels -> (B, N, H) projected features, N = (S/64)^2."""
         dtype = self.vision_tower.stem[0].reparam_conv.weight.dtype
-        pixels = pixel_values.to(self.device, dtype)
-        if self.vision_channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        tower = self.vision_forward or self.vision_tower
-        fmap = tower(pixels)  # (B, C, h, w)
+        fmap = self.vision_tower(pixel_values.to(self.device, dtype))  # (B, C, h, w)
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major over the map
         return self.projector(tokens)
 
@@ -120,7 +103,7 @@ class FastVLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    # -- transformers-style entry points -------------------------------------------------
+    # -- full-sequence forward -------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -155,19 +138,6 @@ class FastVLM(nn.Module):
             dtype=self.dtype,
             device=self.device,
         )
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Prompt followed by new tokens, as transformers' ``generate`` returns them."""
-        from ..generation.simple import generate
-
-        return generate(self, input_ids, pixel_values, attention_mask, **kwargs)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

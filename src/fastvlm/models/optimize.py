@@ -1,15 +1,18 @@
 """Speed-ups applied to a loaded model, each behind its own switch.
 
-The modules in this package stay plain and are the reference; everything here
-rewrites a loaded model in place (fusing projections, changing memory layout,
-quantising weights) and is tested against the untouched model. ``optimize`` with
-every switch off leaves the model exactly as loaded.
+The modules of this package are built plain (the reference) and loaded that way;
+``optimize`` is the one place that switches them to their fast forms, and each switch
+shows in ``repr(model)``: ``FusedAttention`` and ``FusedMLP`` layers, the vision
+tower's ``channels_last`` and ``compiled`` flags, ``Int8Linear``/``Int4Linear`` and
+``TransposedLinear`` layers. Tests hold every fast form to the plain one.
+``optimize`` with every switch off leaves the model exactly as loaded.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,12 +20,11 @@ import torch
 from torch import nn
 
 from ..errors import FastVLMError
-from .quantize import quantize_int4, quantize_int8
-from .qwen2 import MLP, Attention
-from .swap import replace_linears
+from .quantize import quantize_int4, quantize_int8, replace_linears
+from .qwen2 import fuse_projections
 
 if TYPE_CHECKING:
-    from .fastvlm import FastVLM
+    from .fastvlm import FastVLMCore
 
 
 @dataclass(frozen=True)
@@ -50,27 +52,29 @@ class SpeedOptions:
         )
 
 
-def optimize(model: FastVLM, options: SpeedOptions = SpeedOptions()) -> FastVLM:
-    """Apply ``options`` to ``model`` in place and return it."""
+def optimize(model: FastVLMCore, options: SpeedOptions = SpeedOptions()) -> FastVLMCore:
+    """Apply ``options`` to ``model`` in place and return it. Applying them twice is harmless."""
     _check_options(model, options)
     if options.fuse_projections:
-        fuse_projections(model.language_model)
-    if options.channels_last:
-        model.vision_tower.to(memory_format=torch.channels_last)
-        model.vision_channels_last = True
+        for layer in model.language_model.layers:
+            fuse_projections(layer)
+    tower = model.vision_tower
+    if options.channels_last and not tower.channels_last:
+        tower.to(memory_format=torch.channels_last)
+        tower.channels_last = True
     if options.int8:
         quantize_int8(model)
     elif options.int4:
         quantize_int4(model)
     elif options.transposed_fp32 and model.dtype == torch.float32 and model.device.type == "cpu":
         transpose_linears(model)
-    if options.compile_vision:
-        model.vision_forward = CompiledWithFallback(model.vision_tower)
+    if options.compile_vision and tower.compiled is None:
+        tower.compiled = CompiledWithFallback(tower.features)
     _return_freed_memory()
     return model
 
 
-def _check_options(model: FastVLM, options: SpeedOptions) -> None:
+def _check_options(model: FastVLMCore, options: SpeedOptions) -> None:
     """Refuse what cannot work before anything is changed, so a refusal leaves the model as it was."""
     if options.int8 and options.int4:
         raise FastVLMError("choose int8 or int4 weights, not both")
@@ -103,80 +107,65 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failed compile raises: dynamo and inductor errors, a missing or broken C++
+    compiler, a missing Triton. Anything else (out of memory, a bad input) is a real error."""
+    from torch._dynamo import exc as dynamo
+    from torch._inductor import exc as inductor
+
+    return (
+        dynamo.TorchDynamoException,
+        dynamo.TritonUnavailableError,
+        inductor.CppCompileError,
+        inductor.InvalidCxxCompiler,
+        inductor.OperatorIssue,
+    )
+
+
 class CompiledWithFallback:
-    """Run a module through torch.compile; on any compile failure warn once and stay eager.
+    """Run a function through torch.compile; if compiling fails, say why once and stay eager.
 
     ``compile_seconds`` records the first (compiling) call, so it can be reported apart
-    from steady-state timings. The compiled graph is cached by torch per input shape.
+    from steady-state timings. The compiled graph is cached by torch per input shape, so
+    a new shape compiles again, and may fail then too.
     """
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.compiled = torch.compile(module, dynamic=False)
-        self.failed = False
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=False)
+        self.failed: str | None = None  # why compiling failed, once it has
         self.compile_seconds: float | None = None
+        self._errors = _compile_errors()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.failed:
-            return self.module(x)
+            return self.fn(x)
         import torch._inductor.config as inductor_config
+        from torch._dynamo.exc import TorchRuntimeError
 
         start = time.perf_counter()
         try:
             # Freezing lets inductor treat weights as constants and fuse conv + GELU.
             with inductor_config.patch(freezing=True):
                 out = self.compiled(x)
-        except Exception as exc:  # no C++ compiler, unsupported backend, ...
-            warnings.warn(
-                f"torch.compile failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=2
-            )
-            self.failed = True
-            return self.module(x)
+        except TorchRuntimeError:
+            raise  # the traced code itself failed (a bad input): eager would fail the same way
+        except self._errors as exc:
+            self.failed = _first_line(exc)
+            warnings.warn(f"torch.compile failed ({self.failed}); running eagerly", stacklevel=2)
+            return self.fn(x)
         if self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - start
         return out
 
-
-class FusedLinear(nn.Module):
-    """Several linears on the same input as one matmul; the output is split back into
-    parts of ``sizes`` (default: one per linear)."""
-
-    def __init__(self, linears: list[nn.Linear], sizes: list[int] | None = None) -> None:
-        super().__init__()
-        self.sizes = sizes or [lin.out_features for lin in linears]
-        weight = torch.cat([lin.weight for lin in linears])
-        biases = [lin.bias for lin in linears]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat(
-                [
-                    b if b is not None else torch.zeros_like(lin.weight[:, 0])
-                    for b, lin in zip(biases, linears, strict=True)
-                ]
-            )
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-        self.linear.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            self.linear.bias = nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(x).split(self.sizes, dim=-1)
+    def __repr__(self) -> str:
+        state = f"failed: {self.failed}" if self.failed else "compiled"
+        return f"CompiledWithFallback({getattr(self.fn, '__qualname__', self.fn)}, {state})"
 
 
-def fuse_projections(lm: nn.Module) -> None:
-    """Give each attention a ``qkv_proj`` and each MLP a ``gate_up_proj`` (they prefer them)."""
-    for module in lm.modules():
-        # Only plain nn.Linear projections are fused (not already fused, transposed or int8).
-        if isinstance(module, Attention) and isinstance(getattr(module, "q_proj", None), nn.Linear):
-            # Split as q|k and v, the two parts Attention.project returns.
-            qk_size = module.q_proj.out_features + module.k_proj.out_features
-            module.qkv_proj = FusedLinear(
-                [module.q_proj, module.k_proj, module.v_proj], [qk_size, module.v_proj.out_features]
-            )
-            del module.q_proj, module.k_proj, module.v_proj
-        elif isinstance(module, MLP) and isinstance(getattr(module, "gate_proj", None), nn.Linear):
-            module.gate_up_proj = FusedLinear([module.gate_proj, module.up_proj])
-            del module.gate_proj, module.up_proj
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # ---- float32 weight layout -----------------------------------------------------------
@@ -199,12 +188,16 @@ class TransposedLinear(nn.Module):
         y = x @ self.weight_t
         return y if self.bias is None else y + self.bias
 
+    def extra_repr(self) -> str:
+        n_in, n_out = self.weight_t.shape
+        return f"in_features={n_in}, out_features={n_out}, bias={self.bias is not None}"
+
 
 def _transposed(linear: nn.Linear) -> TransposedLinear:
     return TransposedLinear(linear.weight.detach().t().contiguous(), linear.bias)
 
 
-def transpose_linears(model) -> None:
+def transpose_linears(model: FastVLMCore) -> None:
     """Swap the decoder's linears and the LM head for ``TransposedLinear``."""
     if isinstance(model.lm_head, TransposedLinear):
         return  # already done

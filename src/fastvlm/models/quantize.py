@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FastVLMError
-from .swap import replace_linears
 
 if TYPE_CHECKING:
-    from .fastvlm import FastVLM
+    from .fastvlm import FastVLMCore
 
 
 class QuantizedLinear(nn.Module):
@@ -41,6 +40,11 @@ class QuantizedLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
 
 # ---- int8: one scale per output channel -------------------------------------------------
 
@@ -48,14 +52,13 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """y = x @ (q * s)^T + b with q int8 (out, in) and one scale per output channel.
 
-    The packed kernel is used for a few rows (decoding) with bf16/fp16 activations on
-    CPU; elsewhere the eager path dequantises on the fly.
+    The packed kernel is used for up to ``packed_max_rows`` rows (decoding) with bf16/fp16
+    activations on CPU; above that, and elsewhere, the eager path dequantises on the fly.
     """
 
-    packed_max_rows = 16  # above this many input rows, dequantise and use a dense matmul
-
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, packed_max_rows: int = 16) -> None:
         super().__init__(linear)
+        self.packed_max_rows = packed_max_rows
         weight = linear.weight.detach()
         qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
         scale = torch.empty(weight.shape[0], device=weight.device)  # (out,), float32
@@ -73,6 +76,9 @@ class Int8Linear(QuantizedLinear):
         # Many rows (a prefill): the packed kernel is a matrix-vector kernel and loses
         # to dequantising once (one fused int8 * scale op) and a dense matmul.
         return F.linear(x, self.qweight * self.scale.to(x.dtype)[:, None])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, packed_max_rows={self.packed_max_rows}"
 
 
 # ---- int4: a scale and an offset per group of input channels ----------------------------
@@ -97,14 +103,13 @@ class Int4Linear(QuantizedLinear):
 
     q is 4-bit, stored in the layout of torch's CPU int4 kernel, two values a byte; the
     scale and offset of each group are stacked as (K / group_size, N, 2). On CPU the
-    kernel serves up to a few hundred rows; past that, dequantising once and running a
-    dense matmul is faster (a batched prefill). Other devices always take that path.
+    kernel serves up to ``kernel_max_rows`` rows; past that, dequantising once and running
+    a dense matmul is faster (a long prefill). Other devices always take that path.
     """
 
-    kernel_max_rows = 192
-
-    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+    def __init__(self, linear: nn.Linear, group_size: int, kernel_max_rows: int = 192) -> None:
         super().__init__(linear)
+        self.kernel_max_rows = kernel_max_rows
         weight = linear.weight.detach()
         N, K = weight.shape
         packed = torch.empty(N, K // 2, dtype=torch.uint8)
@@ -127,6 +132,9 @@ class Int4Linear(QuantizedLinear):
                 rows, self.packed, self.group_size, self.scale_offset.to(x.dtype)
             )
         return F.linear(x, self.dequantized(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}, kernel_max_rows={self.kernel_max_rows}"
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (N, K) weight this layer computes with."""
@@ -188,7 +196,22 @@ def _row_chunks(rows: int, size: int = 64 * _INT4_BLOCK_N) -> list[slice]:
 # ---- swapping layers ----------------------------------------------------------------------
 
 
-def _swap_linears(model: FastVLM, make: Callable[[nn.Linear], nn.Module | None]) -> None:
+def replace_linears(root: nn.Module, make: Callable[[nn.Linear], nn.Module | None]) -> None:
+    """Replace every ``nn.Linear`` under ``root`` by ``make(linear)``; None keeps it.
+
+    Only the parents are listed up front, never the linears themselves: each replaced
+    layer is then freed as soon as it is swapped, instead of every original weight
+    staying alive next to its replacement until the end.
+    """
+    parents = [m for m in root.modules() if any(isinstance(c, nn.Linear) for c in m.children())]
+    for module in parents:
+        names = [name for name, child in module.named_children() if isinstance(child, nn.Linear)]
+        for name in names:
+            if (new := make(getattr(module, name))) is not None:
+                setattr(module, name, new)
+
+
+def _swap_linears(model: FastVLMCore, make: Callable[[nn.Linear], nn.Module | None]) -> None:
     """Replace each linear of the decoder, projector and LM head by ``make(linear)``
     (None keeps it)."""
     for root in (model.language_model, model.projector):
@@ -197,12 +220,12 @@ def _swap_linears(model: FastVLM, make: Callable[[nn.Linear], nn.Module | None])
         model.lm_head = head  # a tied embedding keeps its own full-precision table
 
 
-def quantize_int8(model: FastVLM) -> None:
+def quantize_int8(model: FastVLMCore, packed_max_rows: int = 16) -> None:
     """Swap the decoder's, LM head's and projector's linears for ``Int8Linear``."""
-    _swap_linears(model, Int8Linear)
+    _swap_linears(model, lambda linear: Int8Linear(linear, packed_max_rows))
 
 
-def quantize_int4(model: FastVLM, group_size: int = 64) -> None:
+def quantize_int4(model: FastVLMCore, group_size: int = 64, kernel_max_rows: int = 192) -> None:
     """Swap the decoder's, LM head's and projector's linears for ``Int4Linear``.
 
     A layer whose shape the kernel cannot tile stays as it is.
@@ -214,6 +237,6 @@ def quantize_int4(model: FastVLM, group_size: int = 64) -> None:
 
     def make(linear: nn.Linear) -> Int4Linear | None:
         size = _int4_group_size(linear, group_size)
-        return Int4Linear(linear, size) if size is not None else None
+        return Int4Linear(linear, size, kernel_max_rows) if size is not None else None
 
     _swap_linears(model, make)

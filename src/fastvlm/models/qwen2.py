@@ -2,7 +2,9 @@
 
 It maps embeddings to hidden states. It knows nothing about images or text: the
 caller embeds tokens (and merges image features) and supplies positions and masks.
-Parameter names follow transformers' ``Qwen2Model``.
+Parameter names follow transformers' ``Qwen2Model``. ``FusedAttention`` and ``FusedMLP``
+are the same layers with their projections fused into one matmul each; loading
+builds the plain ones and ``models.optimize`` swaps the fused ones in.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    """Rotary GQA attention with q/k/v bias, over an optional KV cache."""
+
     def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -71,10 +75,7 @@ class Attention(nn.Module):
         """x (B, T, D) -> q|k (B, T, (nh + nkv) * hd) and v (B, T, nkv * hd).
 
         Queries and keys stay one tensor so the rotary embedding runs once on both.
-        models.optimize may replace the three projections by one fused matmul.
         """
-        if hasattr(self, "qkv_proj"):
-            return self.qkv_proj(x)
         return torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
 
     def forward(
@@ -136,11 +137,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_up_proj"):  # fused by models.optimize
-            gate, up = self.gate_up_proj(x)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up(x)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -194,3 +195,74 @@ class Qwen2Model(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, mask, cache, rows, slots, kv_len)
         return self.norm(x)
+
+
+# ---- fused projections: one matmul where the reference runs two or three ---------------
+
+
+class FusedLinear(nn.Module):
+    """Several linears on the same input as one matmul; the output is split back into
+    parts of ``sizes`` (default: one per linear)."""
+
+    def __init__(self, linears: list[nn.Linear], sizes: list[int] | None = None) -> None:
+        super().__init__()
+        self.sizes = sizes or [lin.out_features for lin in linears]
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.cat(
+                [lin.bias if lin.bias is not None else torch.zeros_like(lin.weight[:, 0]) for lin in linears]
+            )
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        self.linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            self.linear.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(x).split(self.sizes, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
+
+
+class FusedAttention(Attention):
+    """``Attention`` with q, k and v projected by one matmul (``qkv_proj``), split as q|k and v."""
+
+    def __init__(self, plain: Attention) -> None:
+        nn.Module.__init__(self)  # the projections come from ``plain``, not from a config
+        self.layer_idx = plain.layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = plain.num_heads, plain.num_kv_heads, plain.head_dim
+        qk_size = plain.q_proj.out_features + plain.k_proj.out_features
+        self.qkv_proj = FusedLinear(
+            [plain.q_proj, plain.k_proj, plain.v_proj], [qk_size, plain.v_proj.out_features]
+        )
+        self.o_proj = plain.o_proj
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.qkv_proj(x)
+
+
+class FusedMLP(MLP):
+    """``MLP`` with gate and up projected by one matmul (``gate_up_proj``)."""
+
+    def __init__(self, plain: MLP) -> None:
+        nn.Module.__init__(self)  # the projections come from ``plain``, not from a config
+        self.gate_up_proj = FusedLinear([plain.gate_proj, plain.up_proj])
+        self.down_proj = plain.down_proj
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up_proj(x)
+
+
+def fuse_projections(layer: DecoderLayer) -> None:
+    """Give ``layer`` a ``FusedAttention`` and a ``FusedMLP``; a fused part stays as it is.
+
+    Only plain ``nn.Linear`` projections are fused (not transposed or quantised ones).
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    if type(attn) is Attention and all(
+        isinstance(p, nn.Linear) for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+    ):
+        layer.self_attn = FusedAttention(attn)
+    if type(mlp) is MLP and isinstance(mlp.gate_proj, nn.Linear) and isinstance(mlp.up_proj, nn.Linear):
+        layer.mlp = FusedMLP(mlp)

@@ -1,12 +1,12 @@
 """Inputs for FastVLM: tokenizer, chat template, image preprocessing, the processor."""
 
+from ..config import IMAGE_PLACEHOLDER_ID
 from .batch import BatchInputs
-from .constants import IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN
+from .constants import IMAGE_TOKEN
 from .image_transforms import ImageSettings, preprocess_image
 from .images import ImageLoadOptions, load_rgb_image
 from .processor import FastVLMProcessor
-from .streaming import StreamDecoder
-from .tokenizer import Qwen2Tokenizer
+from .tokenizer import Qwen2Tokenizer, StreamDecoder
 
 __all__ = [
     "BatchInputs",

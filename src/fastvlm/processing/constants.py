@@ -1,12 +1,9 @@
-"""Fixed facts about FastVLM inputs that both checkpoint layouts share."""
+"""Fixed facts about FastVLM inputs that both checkpoint layouts share.
+
+The image placeholder id is the model's: ``fastvlm.config.IMAGE_PLACEHOLDER_ID``.
+"""
 
 from __future__ import annotations
-
-# The id that marks an image position in ``input_ids``. The Hugging Face checkpoints
-# have ``<image>`` at this id; Apple's checkpoints mark images with -200, which cannot
-# be embedded, so we use the same (unused) row of their 151936-row table instead. The
-# model never embeds these positions: it overwrites them with image features.
-IMAGE_PLACEHOLDER_ID = 151646
 
 # The text marker a prompt uses for one image before it is expanded to
 # ``num_image_tokens`` placeholder ids.

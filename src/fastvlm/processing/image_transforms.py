@@ -91,8 +91,7 @@ def resize_and_crop(image: Image.Image, settings: ImageSettings) -> torch.Tensor
                 f"the image is {image.width}x{image.height}: too elongated to resize without a crop; "
                 "crop it closer to square"
             )
-        pixels = center_crop(_resize_window(image, (height, width), settings), settings.crop_size)
-        return _rescale_and_normalize(pixels, settings)
+        return center_crop(_resize_window(image, (height, width), settings), settings.crop_size)
     if settings.resize_backend == "pil":
         if (width, height) != image.size:
             image = image.resize((width, height), resample=settings.resample)

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoints.formats import Format, detect_format, read_config_json
+from ..checkpoints.files import read_config_json
 from ..checkpoints.hub import resolve_checkpoint
+from ..config import Format, detect_format
 from ..errors import ContextLengthError, InputError
 from .batch import BatchInputs
 from .chat_template import render_chat_template

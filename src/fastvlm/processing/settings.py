@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.formats import APPLE_FORMAT, Format
+from ..checkpoints.files import read_optional_json, read_optional_text
+from ..config import APPLE_FORMAT, IMAGE_PLACEHOLDER_ID, Format
 from ..errors import CheckpointError
 from .chat_template import APPLE_CHAT_TEMPLATE
-from .checkpoint_files import read_optional_json, read_optional_text
-from .constants import APPLE_VISION_STRIDE, IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN
+from .constants import APPLE_VISION_STRIDE, IMAGE_TOKEN
 from .image_transforms import ImageSettings
 from .images import APPLE_RGB_RULES, HF_RGB_RULES, RGBRules
 from .tokenizer import Qwen2Tokenizer

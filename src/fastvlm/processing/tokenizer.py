@@ -1,4 +1,5 @@
-"""The Qwen2 tokenizer: text <-> token ids, plus padding of id lists into a batch.
+"""The Qwen2 tokenizer: text <-> token ids, padding of id lists into a batch, and
+incremental detokenisation for streaming (``StreamDecoder``).
 
 Usable on its own (``Qwen2Tokenizer.from_dir(path)``). It knows nothing about
 images or chat templates; the processor expands image markers and renders prompts.
@@ -6,7 +7,7 @@ images or chat templates; the processor expands image markers and renders prompt
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,10 +16,11 @@ from tokenizers import Tokenizer
 
 from ..errors import InputError
 from .batch import BatchInputs
-from .streaming import StreamDecoder
 from .tokenizer_files import TokenizerFiles, load_tokenizer_files
 
 PaddingSide = Literal["left", "right"]
+REPLACEMENT_CHAR = "\ufffd"
+_MAX_CHAR_TOKENS = 4  # a UTF-8 character spans at most 4 bytes, so at most 4 byte-level tokens
 
 
 class Qwen2Tokenizer:
@@ -181,3 +183,50 @@ def _as_id_list(ids: int | Iterable[int] | torch.Tensor) -> list[int]:
     if isinstance(ids, int):
         return [ids]
     return [int(i) for i in ids]
+
+
+class StreamDecoder:
+    """Ids in, text pieces out, never half a character.
+
+    Byte-level BPE tokens can end in the middle of a UTF-8 character (emoji, CJK), and
+    decoding such a prefix gives U+FFFD. The decoder re-decodes a short window of recent
+    ids and only emits text once it no longer ends in U+FFFD, the approach of
+    text-generation-inference's ``decode_token``.
+
+    ``decode`` is a function ``(ids, skip_special_tokens=...) -> str``, such as
+    ``Qwen2Tokenizer.decode``. Feed ids with ``push``; call ``flush`` at the end to get
+    text held back.
+    """
+
+    def __init__(self, decode: Callable[..., str], *, skip_special_tokens: bool = True):
+        self._decode = decode
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the context window used to decode
+        self._read_offset = 0  # ids before this have been emitted as text
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes (maybe "")."""
+        self._ids.append(int(token_id))
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Return whatever is still held back (an incomplete character shows as U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, *, final: bool) -> str:
+        window = self._ids[self._prefix_offset :]
+        seen = self._decode(
+            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip
+        )
+        text = self._decode(window, skip_special_tokens=self._skip)
+        pending = len(self._ids) - self._read_offset
+        # Past 4 pending tokens a trailing U+FFFD is real output, not a character still forming.
+        incomplete = text.endswith(REPLACEMENT_CHAR) and pending < _MAX_CHAR_TOKENS
+        if len(text) <= len(seen) or (incomplete and not final):
+            return ""
+        # The window's first ids give context (a leading space, a joined character);
+        # only what follows the already-emitted part is new.
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return text[len(seen) :]

@@ -19,8 +19,8 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from ..checkpoints.files import read_optional_json
 from ..errors import CheckpointError
-from .checkpoint_files import read_optional_json
 
 # Qwen2's pre-tokenisation pattern (tiktoken cl100k style, digits split one by one).
 QWEN2_SPLIT_PATTERN = (

@@ -1,4 +1,4 @@
-"""``fastvlm serve``: load a checkpoint, wrap it in an Engine and run the app under uvicorn.
+"""``fastvlm serve``: load a checkpoint with ``fastvlm.load`` and run the app under uvicorn.
 
 ``fastvlm.cli`` calls ``add_arguments`` and ``run``; ``python -m fastvlm.server.cli``
 works on its own too.
@@ -12,14 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from ..checkpoints.hub import DEFAULT_MODEL
-from ..cli_options import add_placement_options
+from ..cli_options import add_model_source_option, add_placement_options
 
 log = logging.getLogger("fastvlm.server")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id (either layout)")
+    add_model_source_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -94,28 +93,24 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def build_app(args: argparse.Namespace):
-    from .. import FastVLM
-    from ..generation.engine import Engine
-    from ..models.optimize import SpeedOptions, optimize
-    from ..processing import FastVLMProcessor
+    from ..api import SpeedOptions, load
     from .app import create_app
 
     log.info("loading %s", args.model)
-    model = FastVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    optimize(model, SpeedOptions(int8=args.int8, int4=args.int4, compile_vision=args.compile))
-    # The server checks and decodes image URLs itself; the processor reads nothing else.
-    processor = FastVLMProcessor.from_pretrained(
-        args.model, allow_remote_images=False, allow_local_images=False
-    )
-    engine = Engine(
-        model,
-        processor,
+    vlm = load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
         max_batch=args.max_batch,
         max_seq_len=args.max_seq_len,
         feature_cache_size=args.feature_cache_size,
+        speed=SpeedOptions(int8=args.int8, int4=args.int4, compile_vision=args.compile),
+        # The server checks and decodes image URLs itself; the processor reads nothing else.
+        allow_remote_images=False,
+        allow_local_images=False,
     )
     return create_app(
-        engine,
+        vlm.engine,
         served_model_name=args.served_model_name or served_name(args.model),
         api_key=args.api_key,
         allow_remote_images=args.allow_remote_images,

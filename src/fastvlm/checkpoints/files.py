@@ -1,7 +1,9 @@
-"""Read the optional JSON and text files of a checkpoint folder.
+"""Read the JSON and text files of a checkpoint folder.
 
-Missing files are normal (old and new file sets differ), so a missing file gives
-``None``; a file that exists but cannot be parsed is a ``CheckpointError``.
+``config.json`` must exist; the other files are optional (old and new file sets
+differ), so a missing one gives ``None``. A file that exists but cannot be parsed is
+a ``CheckpointError`` either way. What the files mean is decided elsewhere: the format
+and architecture in ``fastvlm.config``, the processor settings in ``fastvlm.processing``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} is missing; point at a FastVLM checkpoint folder") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-download the checkpoint") from exc
 
 
 def read_optional_json(folder: Path, name: str) -> dict[str, Any] | None:

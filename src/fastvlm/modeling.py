@@ -1,0 +1,61 @@
+"""``FastVLM``: the model with transformers-style ``from_pretrained`` and ``generate``.
+
+    model = FastVLM.from_pretrained("apple/FastVLM-0.5B", dtype=torch.bfloat16)
+    ids = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=32)
+
+This module sits above the layers it joins: the network (``models``), loading
+(``checkpoints``) and the decoding loop (``generation``); none of those imports it.
+``from_pretrained`` applies the same speed switches as ``fastvlm.load`` unless told
+otherwise (``speed=SpeedOptions.off()`` keeps the plain reference modules).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checkpoints.loader import load_model
+from .generation.simple import generate
+from .models.fastvlm import FastVLMCore
+from .models.optimize import SpeedOptions, optimize
+
+
+class FastVLM(FastVLMCore):
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        revision: str | None = None,
+        progress: bool = True,
+        speed: SpeedOptions | None = None,
+    ) -> FastVLM:
+        """Load either checkpoint format from a folder or hub id, in eval mode.
+
+        ``speed`` defaults to ``SpeedOptions()`` (fused projections, channels-last vision,
+        float32 weights laid out for decoding on CPU); ``SpeedOptions.off()`` gives the
+        plain modules, exactly as the checkpoint describes them.
+        """
+        model = load_model(
+            src, model_class=cls, dtype=dtype, device=device, revision=revision, progress=progress
+        )
+        return optimize(model, SpeedOptions() if speed is None else speed)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Prompt followed by new tokens, as transformers' ``generate`` returns them.
+
+        Options: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``, ``generator`` and
+        ``use_cache`` (see ``fastvlm.generation.simple.generate``).
+        """
+        return generate(self, input_ids, pixel_values, attention_mask, **kwargs)
