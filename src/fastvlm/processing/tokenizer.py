@@ -6,6 +6,8 @@ images or chat templates; the processor expands image markers and renders prompt
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +40,8 @@ class Qwen2Tokenizer:
         self.padding_side = padding_side
         self.truncation_side: PaddingSide = "right"
         self.clean_up_tokenization_spaces = False  # what Qwen2's tokenizer_config.json says
+        # transformers' name for "clean up even though this BPE tokenizer keeps real spaces".
+        self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = False
 
     @classmethod
     def from_dir(cls, path: str | Path, *, padding_side: PaddingSide = "left") -> Qwen2Tokenizer:
@@ -96,7 +100,16 @@ class Qwen2Tokenizer:
         text = self._backend.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
         clean = clean_up_tokenization_spaces
         clean = self.clean_up_tokenization_spaces if clean is None else clean
-        return clean_up_tokenization(text) if clean else text
+        if not clean:
+            return text
+        if not self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output:
+            # As transformers 5: the clean-up is for WordPiece and would eat real spaces here.
+            _warn_once(
+                "ignoring clean_up_tokenization_spaces=True: Qwen2's BPE keeps the spaces it decodes; set "
+                "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True to force it"
+            )
+            return text
+        return clean_up_tokenization(text)
 
     def batch_decode(
         self,
@@ -248,6 +261,11 @@ def as_tensors(rows: list[list[int]], return_tensors: str | None) -> Any:
 # and English contractions.
 _CLEANUPS = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]  # fmt: skip
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
 
 
 def clean_up_tokenization(text: str) -> str:
