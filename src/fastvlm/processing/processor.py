@@ -21,11 +21,18 @@ from ..errors import ContextLengthError, InputError
 from .batch import BatchInputs, MultiModalData, pixels_as
 from .chat_template import render_chat_template
 from .constants import DEFAULT_MAX_IMAGE_PIXELS
-from .continuation import RenderOptions, TextOptions, cut_at_final_message, mark_final_message
 from .image_transforms import ImageSettings, preprocess_image
 from .images import ImageLoadOptions, ImageSource, load_rgb_image
 from .messages import ImageRef, ParsedConversation, is_batch, parse_conversation
 from .settings import ProcessorSettings, load_settings
+from .text_options import (
+    RenderOptions,
+    TextOptions,
+    check_image_tokens,
+    check_markers,
+    cut_at_final_message,
+    mark_final_message,
+)
 from .tokenizer import Padding, PaddingSide, Qwen2Tokenizer, Truncation
 
 
@@ -152,14 +159,7 @@ class FastVLMProcessor:
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [ref for p in parsed for ref in p.images]
-        for index, (prompt, conv) in enumerate(zip(prompts, parsed, strict=True)):
-            if prompt.count(self.image_token) != len(conv.images):
-                where = f"conversation {index}: " if batched else ""
-                raise InputError(
-                    f"{where}the conversation has {len(conv.images)} image part(s) but its prompt has "
-                    f"{prompt.count(self.image_token)} {self.image_token!r} marker(s); "
-                    f"remove {self.image_token!r} from the message text"
-                )
+        check_markers(prompts, [len(p.images) for p in parsed], self.image_token, batched)
         text = TextOptions(return_tensors, padding, truncation, max_length, add_special_tokens)
         out = self._build(prompts, images, batched, text, max_new_tokens, check_length)
         return out if return_dict else out["input_ids"]
@@ -281,7 +281,9 @@ class FastVLMProcessor:
                 self.check_length(len(ids), max_new_tokens, f"conversation {index}: " if batched else "")
         if text.truncation not in (False, None, "do_not_truncate"):
             sequences = self.tokenizer.truncate(sequences, text.truncation, text.max_length)
-            self._check_image_tokens(prompts, sequences)
+            check_image_tokens(
+                prompts, sequences, self.image_token, self.image_token_id, self.num_image_tokens
+            )
         input_ids, attention_mask = self.tokenizer.pad(
             sequences, return_tensors=text.return_tensors, padding=text.padding, max_length=text.max_length
         )
@@ -289,16 +291,6 @@ class FastVLMProcessor:
         if refs:
             out["pixel_values"] = pixels_as(self._pixels(refs), text.return_tensors)
         return out
-
-    def _check_image_tokens(self, prompts: list[str], sequences: list[list[int]]) -> None:
-        """A truncation that cut image placeholders would feed the model half an image."""
-        per_text = [p.count(self.image_token) * self.num_image_tokens for p in prompts]
-        per_ids = [s.count(self.image_token_id) for s in sequences]
-        if per_text != per_ids:
-            raise InputError(
-                f"truncation would cut image tokens (the prompts need {per_text} image tokens, "
-                f"{per_ids} are left); disable truncation or increase max_length"
-            )
 
     def _pixels(self, refs: list[ImageRef]) -> torch.Tensor:
         tensors = []

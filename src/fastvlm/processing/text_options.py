@@ -1,4 +1,5 @@
-"""Options of the processor's text path, and ``continue_final_message``.
+"""Options of the processor's text path: rendering, ``continue_final_message``, and the
+check that truncation left every image whole.
 
 ``continue_final_message`` renders a conversation whose last message stays open, so
 the model continues it (e.g. a prefilled assistant answer). As in transformers, a tag
@@ -58,3 +59,27 @@ def cut_at_final_message(prompt: str) -> str:
         )
     # If the template trimmed the tag's trailing space, it may have trimmed the message's too.
     return prompt[:at] if prompt[at : at + len(_TAG)] == _TAG else prompt[:at].rstrip()
+
+
+def check_image_tokens(
+    prompts: list[str], sequences: list[list[int]], marker: str, token_id: int, per_image: int
+):
+    """A truncation that cut image placeholders would feed the model part of an image."""
+    per_text = [p.count(marker) * per_image for p in prompts]
+    per_ids = [s.count(token_id) for s in sequences]
+    if per_text != per_ids:
+        raise InputError(
+            f"truncation would cut image tokens (the prompts need {per_text} image tokens, "
+            f"{per_ids} are left); disable truncation or increase max_length"
+        )
+
+
+def check_markers(prompts: list[str], image_counts: list[int], marker: str, batched: bool) -> None:
+    """Each rendered prompt has one marker per image part (text must not smuggle in more)."""
+    for index, (prompt, images) in enumerate(zip(prompts, image_counts, strict=True)):
+        if prompt.count(marker) != images:
+            where = f"conversation {index}: " if batched else ""
+            raise InputError(
+                f"{where}the conversation has {images} image part(s) but its prompt has "
+                f"{prompt.count(marker)} {marker!r} marker(s); remove {marker!r} from the message text"
+            )
