@@ -2,7 +2,8 @@
 
 Random weights of the chosen shape (default: FastVLM-0.5B's Qwen2 decoder); a text
 prompt, since the image only changes the prefill and this measures decoding. Time per
-new token = (time for N new tokens - time for 1) / (N - 1), so prefill is left out.
+new token = (time for N new tokens - time for 1) / (N - 1), so prefill is left out;
+each time is the fastest of --repeats runs.
 Stop ids are off on both sides, so every run decodes exactly N tokens. Both sides must
 return the same sequences; the script says so in the table. Prints a table and ends
 with one JSON line.
