@@ -61,7 +61,12 @@ def test_apple_layout_end_to_end(tmp_path, images):
     processor = FastVLMProcessor.from_pretrained(folder)
     model = FastVLM.from_pretrained(folder, dtype=torch.float32, progress=False)
     assert processor.image_token_id == model.config.image_token_id
-    inputs = processor.apply_chat_template([_conversation(images[0], "What are these?")])
+    inputs = processor.apply_chat_template(
+        [_conversation(images[0], "What are these?")],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )
     ours = model(**inputs).logits
     # The reference sees the same pixels, with its own placeholder id at the same positions.
     ref_ids = inputs["input_ids"].masked_fill(

@@ -73,7 +73,9 @@ def test_greedy_matches_model_generate(engine, model_and_processor):
         request("Just text, no image at all.", max_new_tokens=10),
         request("Compare the two.", IMAGES[1], IMAGES[2], max_new_tokens=10),
     ]:
-        inputs = processor.apply_chat_template(r.messages)
+        inputs = processor.apply_chat_template(
+            r.messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
         out = model.generate(inputs["input_ids"], inputs.get("pixel_values"), max_new_tokens=r.max_new_tokens)
         expected = out[0, inputs["input_ids"].shape[1] :].tolist()
         result = engine.generate([r])[0]

@@ -219,7 +219,9 @@ def test_queued_pixels_are_uint8_and_the_model_sees_the_processor_output(model_a
     messages = request(0).messages
     prepared = make_engine(model_and_processor).prepare(GenerationRequest(messages, 8))
     assert prepared.pixels.dtype == torch.uint8
-    expected = processor.apply_chat_template(messages, return_dict=True)["pixel_values"]
+    expected = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["pixel_values"]
     assert torch.equal(processor.normalize_pixels(prepared.pixels), expected)
 
 

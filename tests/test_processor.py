@@ -115,7 +115,12 @@ def test_loaded_settings(ours):
 def test_real_images_match_reference(ours, ref, name):
     for source in (image_path(name), Image.open(image_path(name))):
         conversation = user_turn({"type": "image", "image": source}, text("Describe the image."))
-        got, want = ours.apply_chat_template(conversation), ref_inputs(ref, conversation)
+        got, want = (
+            ours.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+            ),
+            ref_inputs(ref, conversation),
+        )
         assert_same_inputs(got, want)
         assert got["pixel_values"].shape == (1, 3, 1024, 1024)
         assert (got["input_ids"] == IMAGE_PLACEHOLDER_ID).sum() == 256
@@ -139,12 +144,12 @@ def test_batch_is_left_padded_like_reference(ours, ref):
         ],
         user_turn(text("What is it?"), {"type": "image", "path": image_path(IMAGE_NAMES[0])}),
     ]
-    got = ours.apply_chat_template(conversations)
+    got = ours.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert_same_inputs(got, ref_inputs(ref, conversations))
     assert got["attention_mask"][0, 0] == 0 and got["input_ids"][0, 0] == ours.tokenizer.pad_token_id
-    assert ours.apply_chat_template(conversations, tokenize=False) == ref.apply_chat_template(
-        conversations, add_generation_prompt=True
-    )
+    assert ours.apply_chat_template(
+        conversations, tokenize=False, add_generation_prompt=True
+    ) == ref.apply_chat_template(conversations, add_generation_prompt=True)
 
 
 def test_prompt_strings_match_reference(ours, ref):
@@ -174,9 +179,14 @@ def test_old_file_sets_match_reference(ours, tmp_path, template_in):
     # transformers' processor ignores a template that only the tokenizer config holds.
     renderer = reference if reference.chat_template else reference.tokenizer
     prompt = renderer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    got = legacy.apply_chat_template(conversation)
+    got = legacy.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     assert_same_inputs(got, reference(images=[image], text=prompt, return_tensors="pt"))
-    assert_same_inputs(got, ours.apply_chat_template(conversation))
+    assert_same_inputs(
+        got,
+        ours.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True),
+    )
     assert legacy.tokenizer.decode(got["input_ids"][0]) == reference.tokenizer.decode(got["input_ids"][0])
 
 
@@ -199,7 +209,12 @@ def test_image_conversions_match_reference(ours, ref, tmp_path):
         path.write_bytes(data)
         for source in (str(path), Image.open(path)):
             conversation = user_turn({"type": "image", "image": source}, text("x"))
-            assert_same_inputs(ours.apply_chat_template(conversation), ref_inputs(ref, conversation))
+            assert_same_inputs(
+                ours.apply_chat_template(
+                    conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+                ),
+                ref_inputs(ref, conversation),
+            )
 
 
 def test_every_source_kind_gives_same_pixels(ours, tmp_path):
@@ -217,7 +232,9 @@ def test_every_source_kind_gives_same_pixels(ours, tmp_path):
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}},
         {"type": "image", "image": Image.open(io.BytesIO(data))},
     ]
-    pixels = ours.apply_chat_template(user_turn(*parts, text("Same?")))["pixel_values"]
+    pixels = ours.apply_chat_template(
+        user_turn(*parts, text("Same?")), add_generation_prompt=True, tokenize=True, return_dict=True
+    )["pixel_values"]
     assert pixels.shape == (len(parts), 3, 1024, 1024)
     assert all(torch.equal(pixels[0], p) for p in pixels[1:])
 
@@ -225,15 +242,28 @@ def test_every_source_kind_gives_same_pixels(ours, tmp_path):
 def test_text_only_and_string_content(ours):
     as_string = [{"role": "user", "content": "Hello!"}]
     as_parts = user_turn(text("Hello!"))
-    got = ours.apply_chat_template(as_string)
+    got = ours.apply_chat_template(as_string, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert "pixel_values" not in got
-    assert torch.equal(got["input_ids"], ours.apply_chat_template(as_parts)["input_ids"])
-    assert torch.equal(got.input_ids, ours.apply_chat_template(as_string, return_dict=False))
+    assert torch.equal(
+        got["input_ids"],
+        ours.apply_chat_template(as_parts, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ],
+    )
+    assert torch.equal(
+        got.input_ids,
+        ours.apply_chat_template(as_string, return_dict=False, add_generation_prompt=True, tokenize=True),
+    )
 
 
 def test_outputs_move_and_cast(ours):
     image = Image.new("RGB", (8, 8))
-    inputs = ours.apply_chat_template(user_turn({"type": "image", "image": image})).to("cpu", torch.bfloat16)
+    inputs = ours.apply_chat_template(
+        user_turn({"type": "image", "image": image}),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    ).to("cpu", torch.bfloat16)
     assert inputs.pixel_values.dtype == torch.bfloat16
     assert inputs.input_ids.dtype == torch.long and inputs.attention_mask.dtype == torch.long
 
@@ -241,7 +271,12 @@ def test_outputs_move_and_cast(ours):
 def test_padding_side_can_be_changed(hf_dir):
     processor = FastVLMProcessor.from_pretrained(hf_dir)
     processor.tokenizer.padding_side = "right"
-    batch = processor.apply_chat_template([user_turn(text("a")), user_turn(text("a much longer question"))])
+    batch = processor.apply_chat_template(
+        [user_turn(text("a")), user_turn(text("a much longer question"))],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )
     assert batch["attention_mask"][0, -1] == 0 and batch["attention_mask"][0, 0] == 1
     encoded = processor.tokenizer(["a", "a much longer question"])
     pad = processor.tokenizer.pad_token_id
@@ -251,7 +286,9 @@ def test_padding_side_can_be_changed(hf_dir):
 
 
 def test_decode_matches_reference(ours, ref):
-    ids = ours.apply_chat_template(user_turn(text("Größe 🎉 ok")), return_dict=False)[0].tolist()
+    ids = ours.apply_chat_template(
+        user_turn(text("Größe 🎉 ok")), return_dict=False, add_generation_prompt=True, tokenize=True
+    )[0].tolist()
     ids += [ours.tokenizer.eos_token_id, IMAGE_PLACEHOLDER_ID]
     for skip in (False, True):
         want = ref.tokenizer.decode(ids, skip_special_tokens=skip)
@@ -348,14 +385,23 @@ def conv_qwen_2(turns: list[str], system: str = "You are a helpful assistant.") 
 
 def test_apple_prompt_is_conv_qwen_2(apple, ours, slow_pair):
     conversation = user_turn({"type": "image", "image": Image.new("RGB", (4, 4))}, text("What is this?"))
-    prompt = apple.apply_chat_template(conversation, tokenize=False)
+    prompt = apple.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     expected = conv_qwen_2(["<image>\nWhat is this?"])
-    assert prompt == expected == ours.apply_chat_template(conversation, tokenize=False)
+    assert (
+        prompt
+        == expected
+        == ours.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    )
     # tokenizer_image_token: encode the pieces around <image>, join them with the image ids.
     _, reference = slow_pair
     before, after = expected.split("<image>")
     want = reference.encode(before) + [IMAGE_PLACEHOLDER_ID] * 256 + reference.encode(after)
-    assert apple.apply_chat_template(conversation, return_dict=False)[0].tolist() == want
+    assert (
+        apple.apply_chat_template(conversation, return_dict=False, add_generation_prompt=True, tokenize=True)[
+            0
+        ].tolist()
+        == want
+    )
     assert (apple.format, apple.num_image_tokens, apple.max_length) == ("llava_qwen2", 256, 8192)
 
 
@@ -367,14 +413,19 @@ def test_apple_multi_turn_prompt(apple):
         {"role": "user", "content": "Sure?"},
     ]
     expected = conv_qwen_2(["<image>\nWhat?", "Un chat.", "Sure?"], system="Answer in French.")
-    assert apple.apply_chat_template(conversation, tokenize=False) == expected
+    assert apple.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == expected
 
 
 @pytest.mark.parametrize("name", [IMAGE_NAMES[0], IMAGE_NAMES[2]])
 def test_apple_pixels_pad_to_square(apple, name):
     image = Image.open(image_path(name))
     want, square = apple_reference_pixels(image)
-    got = apple.apply_chat_template(user_turn({"type": "image", "image": image}, text("x")))["pixel_values"]
+    got = apple.apply_chat_template(
+        user_turn({"type": "image", "image": image}, text("x")),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )["pixel_values"]
     assert (got - want).abs().max().item() <= 1e-6
     # The torchvision-backed CLIPImageProcessor resizes with a different kernel.
     torchvision_ref = transformers.CLIPImageProcessor(**CLIP_KWARGS)(square, return_tensors="pt")
@@ -389,7 +440,9 @@ def test_apple_pixels_pad_to_square(apple, name):
 
 def raises_input_error(processor, part, match: str):
     with pytest.raises(InputError, match=match):
-        processor.apply_chat_template(user_turn(text("look"), part))
+        processor.apply_chat_template(
+            user_turn(text("look"), part), add_generation_prompt=True, tokenize=True, return_dict=True
+        )
 
 
 def test_bad_images_name_the_part(ours):
@@ -407,7 +460,12 @@ def test_bad_images_name_the_part(ours):
     # Nothing listens on the discard port: fails fast, without the network.
     raises_input_error(ours, {"type": "image", "url": "http://127.0.0.1:9/cat.png"}, r"cannot fetch")
     with pytest.raises(InputError, match="message 1: 'role'"):
-        ours.apply_chat_template([{"role": "user", "content": "a"}, {"content": "b"}])
+        ours.apply_chat_template(
+            [{"role": "user", "content": "a"}, {"content": "b"}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )
 
 
 def test_pixel_limit_and_disabled_sources(hf_dir):
@@ -420,13 +478,23 @@ def test_pixel_limit_and_disabled_sources(hf_dir):
     )
     raises_input_error(strict, {"type": "image", "path": image_path(IMAGE_NAMES[0])}, r"local image files")
     small = encode_image(Image.new("RGB", (50, 50)), "PNG")
-    inputs = strict.apply_chat_template(user_turn({"type": "image", "image": small}))
+    inputs = strict.apply_chat_template(
+        user_turn({"type": "image", "image": small}),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )
     assert inputs["pixel_values"].shape == (1, 3, 1024, 1024)
 
 
 def test_marker_mismatch_is_rejected(ours):
     with pytest.raises(InputError, match="marker"):
-        ours.apply_chat_template(user_turn(text("sneaky <image> marker")))
+        ours.apply_chat_template(
+            user_turn(text("sneaky <image> marker")),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )
     with pytest.raises(InputError, match="marker"):
         ours(images=[Image.new("RGB", (8, 8))], text="no marker here")
 
@@ -436,17 +504,26 @@ def test_too_long_conversation_fails_before_images(ours):
     # The image bytes are garbage: the length check must come first.
     conversation = user_turn({"type": "image", "image": b"not an image"}, text(long_text))
     with pytest.raises(ContextLengthError, match="context of 32768"):
-        ours.apply_chat_template(conversation)
+        ours.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
     short = user_turn(text("word " * 32_000))
     with pytest.raises(ContextLengthError, match="plus 1000 new tokens"):
-        ours.apply_chat_template(short, max_new_tokens=1000)
-    assert ours.apply_chat_template(short, check_length=False)["input_ids"].shape[1] > 32_000
+        ours.apply_chat_template(
+            short, max_new_tokens=1000, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+    assert (
+        ours.apply_chat_template(
+            short, check_length=False, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"].shape[1]
+        > 32_000
+    )
 
 
 def test_templates_run_in_a_sandbox(ours):
     escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(CheckpointError, match="unsafe"):
-        ours.apply_chat_template(user_turn(text("x")), chat_template=escape, tokenize=False)
+        ours.apply_chat_template(
+            user_turn(text("x")), chat_template=escape, tokenize=False, add_generation_prompt=True
+        )
 
 
 def test_template_errors_are_input_errors(ours):
@@ -456,6 +533,10 @@ def test_template_errors_are_input_errors(ours):
     )
     conversation = [{"role": "user", "content": "é"}, {"role": "user", "content": "b"}]
     with pytest.raises(InputError, match="one message only"):
-        ours.apply_chat_template(conversation, chat_template=template)
-    rendered = ours.apply_chat_template(conversation[:1], chat_template=template, tokenize=False)
+        ours.apply_chat_template(
+            conversation, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+    rendered = ours.apply_chat_template(
+        conversation[:1], chat_template=template, tokenize=False, add_generation_prompt=True
+    )
     assert rendered == '[{"role": "user", "content": [{"type": "text", "text": "é"}]}]'

@@ -47,15 +47,16 @@ class FastVLM(FastVLMCore):
     @torch.inference_mode()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Prompt followed by new tokens, as transformers' ``generate`` returns them.
 
-        Options: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-        ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``, ``generator`` and
-        ``use_cache`` (see ``fastvlm.generation.simple.generate``).
+        Takes transformers' generation options (``max_new_tokens``, ``do_sample``,
+        ``num_beams``, ``generation_config``, ``return_dict_in_generate``, ``inputs_embeds``,
+        ...; see ``fastvlm.generation.simple.generate``); the checkpoint's
+        ``generation_config.json`` gives the defaults.
         """
         return generate(self, input_ids, pixel_values, attention_mask, **kwargs)

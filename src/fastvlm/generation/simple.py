@@ -1,142 +1,108 @@
 """transformers-style ``generate``: prompt in, prompt + new tokens out.
 
-This is the low-level call behind ``FastVLM.generate``. With ``use_cache=False`` it
-recomputes the whole sequence every step: slow, but the plain reference that the
-cached path (and the batching engine) are tested against.
+This is the call behind ``FastVLM.generate``. It takes transformers' arguments
+(``GenerationConfig`` fields, ``generation_config``, ``logits_processor``,
+``stopping_criteria``, ``inputs_embeds``) with transformers' defaults and precedence,
+and gives the same tokens as ``FastVlmForConditionalGeneration.generate`` on the same
+weights: greedy, sampling (same seed, same draws), and beam search (``beam.py``).
+With ``use_cache=False`` every step recomputes the whole sequence: slow, but the plain
+reference that the cached path (and the batching engine) are tested against.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
-from ..models.fastvlm import causal_padding_mask
-from .sampling import SamplingParams, sample_rows
+from .beam import beam_search
+from .decoders import CachedDecoder, UncachedDecoder, generation_positions
+from .generation_config import GenerationConfig, resolve_generation_config
+from .outputs import GenerateDecoderOnlyOutput
+from .plan import Plan, make_plan
 
-
-def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions count from each row's first real token; padding gets 0 (as transformers)."""
-    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-
-
-def _next_tokens(logits, params, generator, ids, done, pad_id) -> torch.Tensor:
-    """One token per row from (B, V) logits; finished rows get ``pad_id`` and draw no sample."""
-    out = torch.full((logits.shape[0],), pad_id, dtype=torch.long)
-    live = (~done).nonzero().flatten().tolist()
-    picked, failed = sample_rows(
-        logits[live], [params] * len(live), [generator] * len(live), [ids[b] for b in live]
-    )
-    if failed:  # one call for the whole batch: a row's failure is the call's
-        raise next(iter(failed.values()))
-    out[live] = torch.tensor(picked, dtype=torch.long)
-    return out.to(ids.device)
+__all__ = ["generate", "generation_positions"]
 
 
 @torch.inference_mode()
 def generate(
     model,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
+    generation_config: GenerationConfig | Any = None,
+    logits_processor: Sequence | None = None,
+    stopping_criteria: Sequence | None = None,
+    inputs_embeds: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    use_cache: bool = True,
-) -> torch.Tensor:
-    device = model.device
-    ids = input_ids.to(device)
-    B, T = ids.shape
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long()
-    params = SamplingParams(
-        temperature=temperature if do_sample else 0.0,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-    )
-    # As in transformers: unset stop/pad ids come from the checkpoint's generation config.
-    eos_ids = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    eos_list = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
-    eos = set(eos_list)
-    pad_id = pad_token_id if pad_token_id is not None else model.config.pad_token_id
-    pad_id = pad_id if pad_id is not None else (eos_list[0] if eos_list else 0)
-    feats = model.get_image_features(pixel_values) if pixel_values is not None else None
-    done = torch.zeros(B, dtype=torch.bool)
-    if use_cache:
-        decoder = _CachedDecoder(model, ids, feats, mask, max_new_tokens)
-    else:
-        decoder = _UncachedDecoder(model, ids, feats, mask)
-    logits = decoder.prefill()
-    for i in range(max_new_tokens):
-        new = _next_tokens(logits, params, generator, ids, done, pad_id)
+    **kwargs: Any,
+) -> torch.Tensor | Any:
+    """Generate from a (left-padded) batch of prompts.
+
+    ``kwargs`` are GenerationConfig fields (``max_new_tokens``, ``do_sample``,
+    ``num_beams``, ...); an option we do not implement raises one InputError naming it.
+    ``generator`` (our addition) seeds sampling without touching the global RNG.
+    Returns the sequences, or a ``Generate*Output`` with ``return_dict_in_generate``.
+    """
+    cfg, set_by = resolve_generation_config(model, generation_config, **kwargs)
+    plan = make_plan(
+        model, cfg, set_by, input_ids, pixel_values, attention_mask, inputs_embeds,
+        logits_processor, stopping_criteria,
+    )  # fmt: skip
+    if plan.max_new_tokens == 0:
+        return _wrap(plan, plan.ids, (), ())
+    decoder_cls = CachedDecoder if plan.cfg.use_cache else UncachedDecoder
+    decoder = decoder_cls(model, plan.embeds, plan.mask, plan.max_new_tokens)
+    if plan.cfg.num_beams > 1:
+        return beam_search(decoder, plan, generator)
+    return _sample(decoder, plan, generator)
+
+
+def _sample(decoder, plan: Plan, generator: torch.Generator | None):
+    """Greedy (argmax) or multinomial sampling, one token per row per step."""
+    cfg, ids, mask = plan.cfg, plan.ids, plan.mask
+    logits = decoder.prefill()  # (B, V)
+    copies = cfg.num_return_sequences
+    if copies > 1:  # each prompt row becomes `copies` adjacent rows, as transformers expands them
+        rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(copies)
+        decoder.reorder(rows)
+        ids, mask, logits = ids[rows], mask[rows], logits[rows]
+    B = ids.shape[0]
+    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
+    want_scores = cfg.return_dict_in_generate and cfg.output_scores
+    scores_seen: list[torch.Tensor] = []
+    logits_seen: list[torch.Tensor] = []
+    while True:
+        raw = logits.float()
+        scores = plan.processors(ids, raw)
+        if cfg.return_dict_in_generate:
+            if want_scores:
+                scores_seen.append(scores)
+            if cfg.output_logits:
+                logits_seen.append(raw)
+        if cfg.do_sample:
+            new = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            new = scores.argmax(-1)
+        if plan.eos_ids and plan.pad_id is not None:
+            new = torch.where(unfinished, new, torch.full_like(new, plan.pad_id))
         ids = torch.cat([ids, new[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        done |= torch.tensor([int(t) in eos for t in new])
-        if bool(done.all()) or i == max_new_tokens - 1:
+        unfinished &= ~plan.stopper(ids, tuple(scores_seen) if want_scores else None)
+        if not bool(unfinished.any()):
             break
         logits = decoder.step(new, mask)
-    return ids
+    return _wrap(plan, ids, scores_seen, logits_seen)
 
 
-def _embed_generated(model, new: torch.Tensor) -> torch.Tensor:
-    """(B,) generated ids -> (B, 1, D). Not model.embed: a generated id may equal the
-    image placeholder id, and only the prompt's placeholders take image features."""
-    return model.language_model.embed_tokens(new[:, None])
-
-
-class _UncachedDecoder:
-    """The reference path: every step recomputes the whole sequence from its embeddings."""
-
-    def __init__(self, model, ids, feats, mask) -> None:
-        self.model, self.mask = model, mask
-        self.embeds = model.embed(ids, feats)  # (B, T, D), grown by one column per step
-
-    def prefill(self) -> torch.Tensor:
-        return self._last_logits()
-
-    def step(self, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """new (B,) tokens just chosen; mask (B, S) now includes them."""
-        self.embeds = torch.cat([self.embeds, _embed_generated(self.model, new)], dim=1)
-        self.mask = mask
-        return self._last_logits()
-
-    def _last_logits(self) -> torch.Tensor:
-        positions = generation_positions(self.mask)
-        hidden = self.model.language_model(self.embeds, positions, causal_padding_mask(self.mask))
-        return self.model.logits(hidden[:, -1])  # (B, V)
-
-
-class _CachedDecoder:
-    """Prefill once, then one token per row per step over a static KV cache."""
-
-    def __init__(self, model, ids, feats, mask, max_new_tokens: int) -> None:
-        self.model, self.ids, self.feats, self.mask = model, ids, feats, mask
-        B, T = ids.shape
-        self.cache = model.new_cache(B, T + max_new_tokens)
-        self.length = T
-        self.prompt_positions = generation_positions(mask)  # (B, T)
-        self.positions = self.prompt_positions[:, -1:]  # (B, 1), advanced by each step
-
-    def prefill(self) -> torch.Tensor:
-        B, T = self.ids.shape
-        slots = torch.arange(T, device=self.ids.device).expand(B, T)
-        embeds = self.model.embed(self.ids, self.feats)
-        mask = causal_padding_mask(self.mask)
-        hidden = self.model.language_model(embeds, self.prompt_positions, mask, self.cache, slots, T)
-        return self.model.logits(hidden[:, -1])  # (B, V)
-
-    def step(self, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """new (B,) tokens just chosen; mask (B, S) now includes them."""
-        B = new.shape[0]
-        self.positions = self.positions + 1
-        slot = torch.full((B, 1), self.length, device=new.device)
-        self.length += 1
-        keys = mask.bool()[:, None, None, :]  # (B, 1, 1, S): the new token sees every real key
-        embeds = _embed_generated(self.model, new)
-        hidden = self.model.language_model(embeds, self.positions, keys, self.cache, slot, self.length)
-        return self.model.logits(hidden[:, -1])
+def _wrap(plan: Plan, ids: torch.Tensor, scores: Sequence, logits: Sequence):
+    cfg = plan.cfg
+    if not cfg.return_dict_in_generate:
+        return ids
+    return GenerateDecoderOnlyOutput(
+        sequences=ids,
+        scores=tuple(scores) if cfg.output_scores else None,
+        logits=tuple(logits) if cfg.output_logits else None,
+    )

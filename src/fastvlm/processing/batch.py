@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,3 +34,27 @@ class BatchInputs(dict):
             target = dtype if dtype is not None and value.is_floating_point() else None
             self[key] = value.to(device=device, dtype=target)
         return self
+
+
+def pixels_as(pixels: torch.Tensor, return_tensors: str | None) -> Any:
+    """Pixels as the caller asked: a tensor ("pt" or None), or a float32 array ("np")."""
+    return pixels.numpy() if return_tensors == "np" else pixels
+
+
+@dataclass
+class MultiModalData:
+    """Per-input counts that serving code asks processors for (transformers' shape:
+    ``num_image_tokens`` and ``num_image_patches`` lists, one entry per image)."""
+
+    num_image_tokens: list[int] | None = None
+    num_video_tokens: list[int] | None = None
+    num_audio_tokens: list[int] | None = None
+    num_image_patches: list[int] | None = None
+
+    def __contains__(self, key: str) -> bool:
+        return getattr(self, key, None) is not None
+
+    def __getitem__(self, key: str) -> Any:
+        if hasattr(self, key):
+            return getattr(self, key)
+        raise AttributeError(f"MultiModalData has no attribute {key}")

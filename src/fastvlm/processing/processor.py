@@ -19,14 +19,22 @@ from ..checkpoints.files import read_config_json
 from ..checkpoints.hub import resolve_checkpoint
 from ..config import Format, detect_format
 from ..errors import ContextLengthError, InputError
-from .batch import BatchInputs
+from .batch import BatchInputs, MultiModalData, pixels_as
 from .chat_template import render_chat_template
 from .constants import DEFAULT_MAX_IMAGE_PIXELS
 from .image_transforms import ImageSettings, normalize_pixels, resize_and_crop
 from .images import ImageLoadOptions, ImageSource, load_rgb_image
 from .messages import ImageRef, ParsedConversation, is_batch, parse_conversation
 from .settings import ProcessorSettings, load_settings
-from .tokenizer import PaddingSide, Qwen2Tokenizer
+from .text_options import (
+    RenderOptions,
+    TextOptions,
+    check_image_tokens,
+    check_markers,
+    cut_at_final_message,
+    mark_final_message,
+)
+from .tokenizer import Padding, PaddingSide, Qwen2Tokenizer, Truncation
 
 
 class FastVLMProcessor:
@@ -113,49 +121,53 @@ class FastVLMProcessor:
     def apply_chat_template(
         self,
         conversation: Any,
+        chat_template: str | None = None,
         *,
-        add_generation_prompt: bool = True,
-        tokenize: bool = True,
-        return_dict: bool = True,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
         return_tensors: str | None = "pt",
-        padding: bool = True,
+        padding: Padding = True,
+        truncation: Truncation = False,
+        max_length: int | None = None,
+        add_special_tokens: bool = False,
         max_new_tokens: int = 0,
         check_length: bool = True,
-        chat_template: str | None = None,
         uint8_pixels: bool = False,
+        **template_kwargs: Any,
     ) -> BatchInputs | torch.Tensor | list | str:
-        """Render one conversation or a list of them; tokenize and load images unless
-        ``tokenize=False`` (then the prompt string, or a list of them, comes back).
+        """Render one conversation or a list of them, as transformers' processors do: by
+        default the prompt string (a list for a batch); with ``tokenize=True`` the ids, or
+        with ``return_dict=True`` also the mask and the images' pixels.
 
-        With ``check_length``, a prompt that with ``max_new_tokens`` more tokens would
-        not fit ``max_length`` raises ContextLengthError before any image is decoded.
-        ``return_tensors=None`` gives lists for ids and mask (pixels stay a tensor).
-        With ``uint8_pixels``, ``pixel_values`` are the resized and cropped uint8 pixels
-        (a quarter of the size); ``normalize_pixels`` turns them into the float32 ones.
-        A message's content may be a plain string; the reference renders such content
-        as nothing with the FastVLM template, here it is one text part.
+        ``continue_final_message`` leaves the last message open (no end-of-turn tokens),
+        for the model to continue it. Extra keyword arguments reach the template as
+        variables. With ``check_length``, a prompt that with ``max_new_tokens`` more
+        tokens would not fit ``max_length`` raises ContextLengthError before any image is
+        decoded. With ``uint8_pixels``, ``pixel_values`` are the resized and cropped uint8
+        pixels (a quarter of the size); ``normalize_pixels`` turns them into the float32
+        ones. A message's content may be a plain string; the reference renders such
+        content as nothing with the FastVLM template, here it is one text part.
         """
+        if continue_final_message and add_generation_prompt:
+            raise InputError(
+                "continue_final_message and add_generation_prompt are not compatible; pass one of them"
+            )
         batched = is_batch(conversation)
         conversations = list(conversation) if batched else [conversation]
         parsed = [
             parse_conversation(c, f"conversation {i}, " if batched else "")
             for i, c in enumerate(conversations)
         ]
-        prompts = [self._render(p, add_generation_prompt, chat_template) for p in parsed]
+        options = RenderOptions(add_generation_prompt, continue_final_message, chat_template, template_kwargs)
+        prompts = [self._render(p, options) for p in parsed]
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [ref for p in parsed for ref in p.images]
-        for index, (prompt, conv) in enumerate(zip(prompts, parsed, strict=True)):
-            if prompt.count(self.image_token) != len(conv.images):
-                where = f"conversation {index}: " if batched else ""
-                raise InputError(
-                    f"{where}the conversation has {len(conv.images)} image part(s) but its prompt has "
-                    f"{prompt.count(self.image_token)} {self.image_token!r} marker(s); "
-                    f"remove {self.image_token!r} from the message text"
-                )
-        out = self._build(
-            prompts, images, batched, return_tensors, padding, max_new_tokens, check_length, uint8_pixels
-        )
+        check_markers(prompts, [len(p.images) for p in parsed], self.image_token, batched)
+        text = TextOptions(return_tensors, padding, truncation, max_length, add_special_tokens)
+        out = self._build(prompts, images, batched, text, max_new_tokens, check_length, uint8_pixels)
         return out if return_dict else out["input_ids"]
 
     def __call__(
@@ -164,16 +176,24 @@ class FastVLMProcessor:
         text: str | Sequence[str] | None = None,
         *,
         return_tensors: str | None = "pt",
-        padding: bool = True,
+        padding: Padding = True,
+        truncation: Truncation = False,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
         max_new_tokens: int = 0,
         check_length: bool = True,
     ) -> BatchInputs:
-        """Like LlavaProcessor: ``text`` holds one ``<image>`` marker per image, in order."""
+        """Like LlavaProcessor: ``text`` holds one ``<image>`` marker per image, in order.
+
+        ``truncation`` with ``max_length`` cuts prompts (on ``tokenizer.truncation_side``)
+        but, as in transformers, refuses a cut through image placeholders.
+        """
         refs = [ImageRef(src, f"image {i}") for i, src in enumerate(_flatten_images(images))]
         if text is None:
             if not refs:
                 raise InputError("pass text, images or both")
-            return BatchInputs(pixel_values=self.preprocess_images([r.source for r in refs]))
+            pixels = self.preprocess_images([r.source for r in refs])
+            return BatchInputs(pixel_values=pixels_as(pixels, return_tensors))
         prompts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(p, str) for p in prompts):
             raise InputError("text must be a string or a list of strings")
@@ -184,7 +204,18 @@ class FastVLMProcessor:
                 "put one marker per image"
             )
         batched = not isinstance(text, str)
-        return self._build(prompts, refs, batched, return_tensors, padding, max_new_tokens, check_length)
+        options = TextOptions(return_tensors, padding, truncation, max_length, add_special_tokens)
+        return self._build(prompts, refs, batched, options, max_new_tokens, check_length)
+
+    def _get_num_multimodal_tokens(
+        self, image_sizes: Sequence[Any] | None = None, **kwargs: Any
+    ) -> MultiModalData:
+        """Placeholder tokens per image, for serving code that asks processors (as vLLM
+        does). Every image is resized to the same square, so each costs the same."""
+        if image_sizes is None:
+            return MultiModalData()
+        count = len(image_sizes)
+        return MultiModalData(num_image_tokens=[self.num_image_tokens] * count, num_image_patches=[1] * count)
 
     # -- the pieces, usable on their own -----------------------------------------------
 
@@ -221,43 +252,55 @@ class FastVLMProcessor:
             "shorten the conversation, send fewer images or ask for fewer new tokens"
         )
 
-    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
+        """``kwargs``: ``clean_up_tokenization_spaces``, as the tokenizer takes it."""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
     # -- internals --------------------------------------------------------------------
 
-    def _render(self, parsed: ParsedConversation, add_generation_prompt: bool, template: str | None) -> str:
-        return render_chat_template(
-            template or self.chat_template,
-            parsed.messages,
-            add_generation_prompt=add_generation_prompt,
-            special_tokens=self.tokenizer.special_tokens_map,
+    def _render(self, parsed: ParsedConversation, options: RenderOptions) -> str:
+        messages = parsed.messages
+        if options.continue_final_message:
+            messages = mark_final_message(messages)
+        prompt = render_chat_template(
+            options.chat_template or self.chat_template,
+            messages,
+            add_generation_prompt=options.add_generation_prompt,
+            special_tokens={**self.tokenizer.special_tokens_map, **options.template_kwargs},
         )
+        return cut_at_final_message(prompt) if options.continue_final_message else prompt
 
     def _build(
         self,
         prompts: list[str],
         refs: list[ImageRef],
         batched: bool,
-        return_tensors: str | None,
-        padding: bool,
+        text: TextOptions,
         max_new_tokens: int,
         check_length: bool,
         uint8_pixels: bool = False,
     ) -> BatchInputs:
         sequences = [self.encode_prompt(p) for p in prompts]
+        if text.add_special_tokens:  # what the tokenizer adds around any text (nothing for Qwen2)
+            specials = self.tokenizer.encode("", add_special_tokens=True)
+            sequences = [specials + ids for ids in sequences]
         if check_length:
             for index, ids in enumerate(sequences):
                 self.check_length(len(ids), max_new_tokens, f"conversation {index}: " if batched else "")
+        if text.truncation not in (False, None, "do_not_truncate"):
+            sequences = self.tokenizer.truncate(sequences, text.truncation, text.max_length)
+            check_image_tokens(
+                prompts, sequences, self.image_token, self.image_token_id, self.num_image_tokens
+            )
         input_ids, attention_mask = self.tokenizer.pad(
-            sequences, return_tensors=return_tensors, padding=padding
+            sequences, return_tensors=text.return_tensors, padding=text.padding, max_length=text.max_length
         )
         out = BatchInputs(input_ids=input_ids, attention_mask=attention_mask)
         if refs:
-            out["pixel_values"] = self._pixels(refs, uint8_pixels)
+            out["pixel_values"] = pixels_as(self._pixels(refs, uint8_pixels), text.return_tensors)
         return out
 
     def _pixels(self, refs: list[ImageRef], uint8_pixels: bool = False) -> torch.Tensor:

@@ -7,10 +7,13 @@ images or chat templates; the processor expands image markers and renders prompt
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -21,6 +24,8 @@ from .tokenizer_files import TokenizerFiles, load_tokenizer_files
 PaddingSide = Literal["left", "right"]
 REPLACEMENT_CHAR = "\ufffd"
 _MAX_CHAR_TOKENS = 4  # a UTF-8 character spans at most 4 bytes, so at most 4 byte-level tokens
+Padding = bool | Literal["longest", "max_length", "do_not_pad"]
+Truncation = bool | Literal["longest_first", "only_first", "do_not_truncate"]
 
 
 class Qwen2Tokenizer:
@@ -35,6 +40,10 @@ class Qwen2Tokenizer:
         self._extra_special = list(files.extra_special_tokens)
         self.model_max_length = files.model_max_length
         self.padding_side = padding_side
+        self.truncation_side: PaddingSide = "right"
+        self.clean_up_tokenization_spaces = False  # what Qwen2's tokenizer_config.json says
+        # transformers' name for "clean up even though this BPE tokenizer keeps real spaces".
+        self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = False
 
     @classmethod
     def from_dir(cls, path: str | Path, *, padding_side: PaddingSide = "left") -> Qwen2Tokenizer:
@@ -65,22 +74,55 @@ class Qwen2Tokenizer:
             raise InputError(f"text to encode must be a string, not {type(text).__name__}")
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def __call__(self, text: str | Sequence[str], *, return_tensors: str | None = "pt", padding: bool = True):
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        *,
+        return_tensors: str | None = "pt",
+        padding: Padding = True,
+        truncation: Truncation = False,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+    ):
         """Encode one text or a batch into ``{input_ids, attention_mask}`` (padded)."""
         texts = [text] if isinstance(text, str) else list(text)
-        ids = [self.encode(t) for t in texts]
-        input_ids, mask = self.pad(ids, return_tensors=return_tensors, padding=padding)
+        ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        ids = self.truncate(ids, truncation, max_length)
+        input_ids, mask = self.pad(ids, return_tensors=return_tensors, padding=padding, max_length=max_length)
         return BatchInputs(input_ids=input_ids, attention_mask=mask)
 
-    def decode(self, ids: int | Iterable[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+    def decode(
+        self,
+        ids: int | Iterable[int] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str:
         """Text of ``ids``. Incomplete UTF-8 at the end shows as U+FFFD; for streaming
         use ``decode_stream``, which holds such bytes back."""
-        return self._backend.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+        text = self._backend.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+        clean = clean_up_tokenization_spaces
+        clean = self.clean_up_tokenization_spaces if clean is None else clean
+        if not clean:
+            return text
+        if not self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output:
+            # As transformers 5: the clean-up is for WordPiece and would eat real spaces here.
+            _warn_once(
+                "ignoring clean_up_tokenization_spaces=True: Qwen2's BPE keeps the spaces it decodes; set "
+                "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True to force it"
+            )
+            return text
+        return clean_up_tokenization(text)
 
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
-        if isinstance(sequences, torch.Tensor):
+    def batch_decode(
+        self,
+        sequences: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> list[str]:
+        if hasattr(sequences, "tolist"):  # a tensor or an array
             sequences = sequences.tolist()
-        return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
+        clean = clean_up_tokenization_spaces
+        return [self.decode(seq, skip_special_tokens, clean) for seq in sequences]
 
     def decode_stream(self, skip_special_tokens: bool = True) -> StreamDecoder:
         """A decoder that turns ids, fed one by one, into text pieces of whole characters."""
@@ -137,21 +179,43 @@ class Qwen2Tokenizer:
 
     # -- batching -------------------------------------------------------------------
 
+    def truncate(
+        self, sequences: Sequence[Sequence[int]], truncation: Truncation, max_length: int | None
+    ) -> list[list[int]]:
+        """Cut each sequence to ``max_length`` ids (``model_max_length`` if None) on
+        ``truncation_side``; ``truncation=False`` leaves them whole."""
+        if truncation in (False, "do_not_truncate", None):
+            return [list(s) for s in sequences]
+        if truncation not in (True, "longest_first", "only_first"):
+            raise InputError(
+                f"truncation must be True, False, 'longest_first' or 'only_first', not {truncation!r}"
+            )
+        limit = max_length if max_length is not None else self.model_max_length
+        if limit is None:
+            return [list(s) for s in sequences]
+        if self.truncation_side == "left":
+            return [list(s)[max(len(s) - limit, 0) :] for s in sequences]
+        return [list(s)[:limit] for s in sequences]
+
     def pad(
         self,
         sequences: Sequence[Sequence[int]],
         *,
         return_tensors: str | None = "pt",
-        padding: bool = True,
+        padding: Padding = True,
         padding_side: PaddingSide | None = None,
+        max_length: int | None = None,
     ) -> tuple[Any, Any]:
-        """Pad id lists to the longest one; returns ``(input_ids, attention_mask)``.
+        """Pad id lists into ``(input_ids, attention_mask)``: to the longest one
+        (``True``/"longest"), to ``max_length`` ("max_length"), or not at all.
 
-        ``return_tensors="pt"`` gives int64 tensors of shape (B, T); ``None`` gives lists.
+        ``return_tensors="pt"`` gives int64 tensors of shape (B, T), "np" int64 arrays,
+        ``None`` lists.
         """
         side = padding_side or self.padding_side
-        longest = max((len(s) for s in sequences), default=0)
-        if not padding:
+        limit = max_length if max_length is not None else self.model_max_length
+        target = _pad_target(sequences, padding, limit)
+        if target is None:
             if return_tensors is not None and len({len(s) for s in sequences}) > 1:
                 raise InputError("sequences have different lengths; pass padding=True to batch them")
             ids, masks = [list(s) for s in sequences], [[1] * len(s) for s in sequences]
@@ -161,18 +225,55 @@ class Qwen2Tokenizer:
                 raise InputError("this tokenizer has no pad token, so a batch cannot be padded")
             ids, masks = [], []
             for seq in sequences:
-                fill = longest - len(seq)
+                fill = max(target - len(seq), 0)
                 if side == "left":
                     ids.append([pad_id] * fill + list(seq))
                     masks.append([0] * fill + [1] * len(seq))
                 else:
                     ids.append(list(seq) + [pad_id] * fill)
                     masks.append([1] * len(seq) + [0] * fill)
-        if return_tensors is None:
-            return ids, masks
-        if return_tensors != "pt":
-            raise InputError(f"return_tensors must be 'pt' or None, not {return_tensors!r}")
-        return torch.tensor(ids, dtype=torch.long), torch.tensor(masks, dtype=torch.long)
+        return as_tensors(ids, return_tensors), as_tensors(masks, return_tensors)
+
+
+def _pad_target(sequences: Sequence[Sequence[int]], padding: Padding, max_length: int | None) -> int | None:
+    """The padded length, or None for no padding."""
+    if padding in (False, "do_not_pad", None):
+        return None
+    if padding in (True, "longest"):
+        return max((len(s) for s in sequences), default=0)
+    if padding == "max_length":
+        if max_length is None:
+            raise InputError("padding='max_length' needs max_length")
+        return max_length
+    raise InputError(f"padding must be True, False, 'longest' or 'max_length', not {padding!r}")
+
+
+def as_tensors(rows: list[list[int]], return_tensors: str | None) -> Any:
+    """Lists of ids -> int64 "pt" tensor, "np" array, or the lists themselves (None)."""
+    if return_tensors is None:
+        return rows
+    if return_tensors == "pt":
+        return torch.tensor(rows, dtype=torch.long)
+    if return_tensors == "np":
+        return np.array(rows, dtype=np.int64)
+    raise InputError(f"return_tensors must be 'pt', 'np' or None, not {return_tensors!r}")
+
+
+# transformers' ``clean_up_tokenization``: drop the space BPE leaves before punctuation
+# and English contractions.
+_CLEANUPS = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]  # fmt: skip
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+
+
+def clean_up_tokenization(text: str) -> str:
+    for before, after in _CLEANUPS:
+        text = text.replace(before, after)
+    return text
 
 
 def _as_id_list(ids: int | Iterable[int] | torch.Tensor) -> list[int]:
