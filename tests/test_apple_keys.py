@@ -63,6 +63,13 @@ def test_tied_variant_loads_without_lm_head():
     assert model.lm_head.weight is model.language_model.embed_tokens.weight
 
 
+def test_an_untied_checkpoint_without_lm_head_is_refused():
+    # Silently tying would answer with the embedding as the head: noise for an untied model.
+    shapes = {k: v for k, v in PUBLISHED["tensors"].items() if k != "lm_head.weight"}
+    with pytest.raises(CheckpointError, match="no 'lm_head.weight'.*tie_word_embeddings is false"):
+        _load(PUBLISHED["config"], shapes)
+
+
 @pytest.mark.parametrize(
     "name",
     [

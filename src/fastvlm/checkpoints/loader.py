@@ -110,7 +110,13 @@ def _set(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def load_state(model, state: LazyState, dtype: torch.dtype, device: torch.device, progress: bool) -> None:
     expected = dict(model.state_dict(keep_vars=True))
-    tied = "lm_head.weight" not in state or model.config.text.tie_word_embeddings
+    tied = model.config.text.tie_word_embeddings
+    if not tied and "lm_head.weight" not in state:
+        # transformers would start such a model with a random head; an answer from it is noise.
+        raise CheckpointError(
+            "checkpoint has no 'lm_head.weight' but config.json says tie_word_embeddings is false; "
+            "re-download the weights, or set tie_word_embeddings to true if the head is the embedding"
+        )
     if tied:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight")
