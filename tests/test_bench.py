@@ -42,7 +42,7 @@ def test_bench_measures_each_entry_point_and_prints_a_table_and_json(tiny_checkp
     summary = json.loads(out[-1])
     assert list(summary["results"]) == names
     for figures in summary["results"].values():
-        assert set(figures) == {"vision_s", "ttft_s", "decode_tok_s", "batch_images_s"}
+        assert set(figures) == {"vision_s", "ttft_s", "prefill_s", "decode_tok_s", "batch_images_s"}
         assert all(value > 0 for value in figures.values())
     for bits in ("int8", "int4"):
         check_accuracy(bits, summary[f"{bits}_accuracy"])

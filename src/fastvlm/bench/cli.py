@@ -6,9 +6,10 @@ same ~280-token prompt. Our model is measured as each entry point gives it:
 default, so both should match) and, with ``--plain``, ``from_pretrained`` with
 ``SpeedOptions.off()`` (the plain reference modules). Random weights are written to a
 temporary checkpoint first so that every side goes through real loading. Runs are
-interleaved and the median of the repeats is reported: vision encoder + projector
-time, time to first token (TTFT), decode tokens/s (timed on a text prompt of the same
-length) and batch throughput. The last line printed is one JSON object.
+interleaved and the median of the repeats is reported, with the range of the per-round
+ratios against the reference: vision encoder + projector time, time to first token
+(TTFT), the decoder's prefill alone (the same prompt length as text), decode tokens/s
+(timed on that text prompt) and batch throughput. The last line printed is one JSON object.
 
 The reference needs the ``bench`` extra (transformers, timm, torchvision).
 """
@@ -33,6 +34,7 @@ from .sides import (
     make_inputs,
     our_models,
     ours_side,
+    ratio_range,
     reference_and_checkpoint,
     reference_side,
     without_image,
@@ -90,10 +92,12 @@ def _table(sides: list[Side], ref_name: str = "transformers") -> str:
     rows = [
         ("vision + projector (s)", "vision_s", False),
         ("TTFT (s)", "ttft_s", False),
+        ("prefill, text only (s)", "prefill_s", False),
         ("decode (tok/s)", "decode_tok_s", True),
         ("batch throughput (img/s)", "batch_images_s", True),
     ]
     med = {s.name: s.medians() for s in sides}
+    by_name = {s.name: s for s in sides}
     names = [s.name for s in sides]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, key, higher_better in rows:
@@ -105,7 +109,10 @@ def _table(sides: list[Side], ref_name: str = "transformers") -> str:
             cell = "-" if value is None else f"{value:.3g}"
             base = med.get(ref_name, {}).get(key)
             if value is not None and base and n != ref_name:
-                cell += f" ({(value / base) if higher_better else (base / value):.2f}x)"
+                cell += f" ({(value / base) if higher_better else (base / value):.2f}x"
+                ours, ref = by_name[n].samples.get(key, []), by_name[ref_name].samples[key]
+                spread = ratio_range(ours, ref, higher_better) if len(ours) > 1 else None
+                cell += f", {spread[0]:.2f}-{spread[1]:.2f}x)" if spread else ")"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -192,6 +199,7 @@ def _report(args, sides: list[Side], models: dict, dtype: torch.dtype, device: t
         "hardware": hardware(device),
         "torch": torch.__version__,
         "results": {s.name: s.medians() for s in sides},
+        "samples": {s.name: s.samples for s in sides},
     }
     compiled = {n: m.vision_tower.compiled for n, m in models.items() if m.vision_tower.compiled is not None}
     if compiled:

@@ -4,6 +4,7 @@ each with a way to encode an image and a way to generate, and the inputs they sh
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -165,10 +166,14 @@ class Side:
         # (tens of ms) would land in the difference.
         first = _timed(lambda: self.generate(text_ids, None, 1), device)
         total = _timed(lambda: self.generate(text_ids, None, new_tokens + 1), device)
+        # A busy machine can make the second run no slower than the first; such a sample
+        # says nothing about decoding, so it is recorded as missing rather than as nonsense.
+        decode = new_tokens / (total - first) if total > first else math.nan
         for key, value in (
             ("vision_s", vision),
             ("ttft_s", ttft),
-            ("decode_tok_s", new_tokens / (total - first)),
+            ("prefill_s", first),  # the same prompt length without the image: the decoder's prefill
+            ("decode_tok_s", decode),
         ):
             self.samples.setdefault(key, []).append(value)
 
@@ -177,13 +182,32 @@ class Side:
         self.samples.setdefault("batch_images_s", []).append(ids.shape[0] / elapsed)
 
     def medians(self) -> dict[str, float]:
-        return {k: statistics.median(v) for k, v in self.samples.items()}
+        return {k: statistics.median(f) for k, v in self.samples.items() if (f := _finite(v))}
+
+
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def ratio_range(ours: list[float], ref: list[float], higher_better: bool) -> tuple[float, float] | None:
+    """Min and max of the per-repeat speed-up over the reference, each pair from the same
+    round of the interleaved runs, so drift of the machine's speed cancels within a pair."""
+    pairs = [(a, b) for a, b in zip(ours, ref, strict=False) if math.isfinite(a) and math.isfinite(b)]
+    ratios = [(a / b) if higher_better else (b / a) for a, b in pairs if a > 0 and b > 0]
+    return (min(ratios), max(ratios)) if ratios else None
 
 
 def ours_side(name: str, model: FastVLM) -> Side:
     def generate(ids, px, n):
         mask = torch.ones_like(ids)
-        return model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=n)
+        return model.generate(
+            input_ids=ids,
+            pixel_values=px,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,  # exactly n tokens, as the reference side decodes
+            do_sample=False,
+        )
 
     return Side(name, model.get_image_features, generate)
 
