@@ -114,6 +114,7 @@ def load(
     revision: str | None = None,
     progress: bool = True,
     speed: SpeedOptions | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> VLM:
     """Load a checkpoint (local folder or hub id, either format) ready to answer questions.
 
@@ -121,13 +122,18 @@ def load(
     native bf16, else fp32). ``speed`` picks the fast paths (default ``SpeedOptions()``:
     fused projections and channels-last vision; ``SpeedOptions(int8=True)`` or
     ``int4=True`` quantise the decoder's weights; ``SpeedOptions.off()`` keeps the plain
-    reference modules).
+    reference modules). ``adapter`` is a LoRA adapter folder in PEFT's format (from
+    ``fastvlm finetune`` or PEFT itself), merged into the weights before the fast paths.
     Raises CheckpointError (one line) if it cannot be loaded.
     """
     from .models.fastvlm import FastVLM
     from .processing import FastVLMProcessor
 
     net = FastVLM.from_pretrained(model, dtype=dtype, device=device, revision=revision, progress=progress)
+    if adapter is not None:
+        from .training.adapter import merge_adapter
+
+        merge_adapter(net, adapter)
     optimize(net, SpeedOptions() if speed is None else speed)
     processor = FastVLMProcessor.from_pretrained(net.source)
     engine = Engine(

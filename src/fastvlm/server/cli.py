@@ -102,6 +102,10 @@ def build_app(args: argparse.Namespace):
 
     log.info("loading %s", args.model)
     model = FastVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    if args.adapter is not None:
+        from ..training.adapter import merge_adapter
+
+        merge_adapter(model, args.adapter)
     optimize(model, SpeedOptions(int8=args.int8, int4=args.int4, compile_vision=args.compile))
     # The server checks and decodes image URLs itself; the processor reads nothing else.
     processor = FastVLMProcessor.from_pretrained(

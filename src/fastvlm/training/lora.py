@@ -1,0 +1,69 @@
+"""LoRA for training, done by ``peft`` on our plain model, and which parameters learn.
+
+``peft.inject_adapter_in_model`` wraps our decoder's ``nn.Linear`` projections in place;
+its LoRA layers (Kaiming A, zero B, dropout on the input) are the ones transformers users
+train. Saving strips PEFT's adapter name and renames to transformers' modules
+(``adapter.save_adapter``), so the file is the one PEFT itself would write.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .adapter import LORA_TARGETS, LoraSettings
+
+ADAPTER_NAME = "default"
+
+
+def check_targets(targets: list[str]) -> tuple[str, ...]:
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise InputError(
+            f"unknown LoRA target {unknown[0] if unknown else '(none)'!r}; "
+            f"use some of {','.join(LORA_TARGETS)}"
+        )
+    return tuple(dict.fromkeys(targets))
+
+
+def add_lora(model: nn.Module, settings: LoraSettings) -> None:
+    """Wrap the decoder's target projections in LoRA layers (trainable, float32)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise InputError("LoRA training needs peft: pip install 'fastvlm[train]', or use --full") from None
+    # A full-match pattern on our names keeps LoRA out of the vision tower whatever it calls its layers.
+    pattern = r"language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(settings.targets) + ")"
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=pattern,
+        use_rslora=settings.use_rslora,
+        bias="none",
+    )
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            param.data = param.data.float()  # optimiser state and updates in float32
+
+
+def lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights under PEFT's saved names (no adapter name): ``...q_proj.lora_A.weight``."""
+    tag = f".{ADAPTER_NAME}."
+    return {n.replace(tag, "."): p for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def set_trainable(model: nn.Module, *, full: bool, projector: bool, vision: bool) -> list[str]:
+    """Freeze everything but what the recipe trains; trained base weights move to float32.
+
+    Returns the top-level modules trained whole (for the adapter's ``modules_to_save``).
+    """
+    whole = ["projector"] * projector + ["vision_tower"] * vision
+    for name, param in model.named_parameters():
+        top = name.split(".", 1)[0]
+        param.requires_grad_(full or ".lora_" in name or top in whole)
+        if param.requires_grad:
+            param.data = param.data.float()
+    return [] if full else whole
