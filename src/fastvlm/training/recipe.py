@@ -138,6 +138,7 @@ def _build_model(cfg: FinetuneConfig, device: torch.device):
     from .export import check_writable
 
     dtype = torch.float32 if cfg.full else resolve_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)  # LoRA's initial A matrices; DDP then copies rank 0's to all
     model = load_model(cfg.model, dtype=dtype, device=device, progress=cfg.progress)
     if cfg.full or cfg.train_vision:
         check_writable(cfg.model, [n for n, _ in model.vision_tower.named_parameters(prefix="vision_tower")])
