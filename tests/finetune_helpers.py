@@ -13,7 +13,8 @@ CPU = ["--device", "cpu", "--dtype", "float32"]
 
 
 def write_dataset(folder: Path, n: int = 8, *, name: str = "train.jsonl", text_only_every: int = 0) -> Path:
-    """``n`` LLaVA-style rows, each a small solid-colour image with its own answer."""
+    """``n`` LLaVA-style rows: a small solid-colour image, a question, one shared answer
+    (a random tiny model can memorise it in a few steps)."""
     from PIL import Image
 
     (folder / "img").mkdir(parents=True, exist_ok=True)
@@ -21,8 +22,8 @@ def write_dataset(folder: Path, n: int = 8, *, name: str = "train.jsonl", text_o
     for i in range(n):
         Image.new("RGB", (40, 32), (29 * i % 256, 255 - 23 * i % 256, 90)).save(folder / "img" / f"{i}.png")
         turns = [
-            {"from": "human", "value": "<image>\nWhat colour is it?"},
-            {"from": "gpt", "value": f"It is colour {i}."},
+            {"from": "human", "value": f"<image>\nDescribe picture {i}."},
+            {"from": "gpt", "value": "It is one plain colour."},
         ]
         row = {"conversations": turns}
         if not (text_only_every and i % text_only_every == 0):
