@@ -25,9 +25,10 @@ def write_dataset(folder: Path, n: int = 8, *, name: str = "train.jsonl", text_o
             {"from": "human", "value": f"<image>\nDescribe picture {i}."},
             {"from": "gpt", "value": "It is one plain colour."},
         ]
-        row = {"conversations": turns}
-        if not (text_only_every and i % text_only_every == 0):
-            row["image"] = f"img/{i}.png"
+        row = {"conversations": turns, "image": f"img/{i}.png"}
+        if text_only_every and i % text_only_every == 0:
+            del row["image"]
+            turns[0]["value"] = turns[0]["value"].removeprefix("<image>\n")
         rows.append(row)
     path = folder / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
