@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.fastvlm import causal_padding_mask
 from .data import IGNORE, Example
 from .distributed import World, all_sum, no_sync
 
@@ -61,11 +62,32 @@ def step_rows(step: int, n_rows: int, s: LoopSettings, world: World) -> list[lis
     return [rows[(a * W + world.rank) * B : (a * W + world.rank + 1) * B] for a in range(s.grad_accum)]
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy; position t predicts labels[t + 1], as in the model."""
-    shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]  # (B, T)
-    flat = logits.float().reshape(-1, logits.shape[-1])  # (B*T, V)
-    return F.cross_entropy(flat, shifted.reshape(-1).to(logits.device), ignore_index=IGNORE, reduction="sum")
+class TargetLoss(nn.Module):
+    """The model's forward with the LM head run only where a label is predicted.
+
+    Answers are a small part of a row (the image alone is 256 positions), and the head is
+    the widest matmul of a small model: skipping it (and its float32 logits) elsewhere
+    saves time and memory without changing the loss. DDP wraps this module.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None) -> torch.Tensor:
+        m = self.model
+        input_ids = input_ids.to(m.device)
+        B, T = input_ids.shape
+        features = m.get_image_features(pixel_values) if pixel_values is not None else None
+        embeds = m.embed(input_ids, features)  # (B, T, D)
+        positions = torch.arange(T, device=m.device).expand(B, T)
+        # No padding (one row, or rows of equal length): plain causal attention, SDPA's fast path.
+        mask = None if bool(attention_mask.all()) else causal_padding_mask(attention_mask.to(m.device))
+        hidden = m.language_model(embeds, positions, mask)
+        shifted = F.pad(labels.to(m.device), (0, 1), value=IGNORE)[:, 1:]  # (B, T): t predicts t + 1
+        keep = shifted != IGNORE
+        logits = m.logits(hidden[keep])  # (n_targets, V)
+        return F.cross_entropy(logits.float(), shifted[keep], reduction="sum")
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -97,10 +119,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
         with self._autocast():
-            logits = self.model(**inputs).logits  # (B, T, V)
-        return loss_sum(logits, batch["labels"])
+            return self.model(**{k: v.to(self.device) for k, v in batch.items()})
 
     def train_step(self, step: int, examples: list[Example]) -> dict[str, float]:
         """One optimiser step over this rank's micro-batches; returns the logged numbers."""

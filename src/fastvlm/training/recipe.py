@@ -19,7 +19,7 @@ from ..errors import InputError
 from .adapter import LoraSettings, save_adapter
 from .data import collate, load_examples
 from .distributed import World, barrier, init_world, local_device, shutdown, wrap
-from .loop import LoopSettings, Trainer, progress_bar, steps_per_epoch, trim_metrics
+from .loop import LoopSettings, TargetLoss, Trainer, progress_bar, steps_per_epoch, trim_metrics
 from .lora import add_lora, check_targets, lora_tensors, set_trainable
 from .state import checkpoint_dir, load_state, save_state
 
@@ -192,7 +192,7 @@ def _train(
         metrics.unlink(missing_ok=True)
     pad_id = processor.tokenizer.pad_token_id or 0
     trainer = Trainer(
-        wrap(model, world, device),
+        wrap(TargetLoss(model), world, device),
         optimizer,
         partial(collate, processor=processor, pad_id=pad_id),
         s,
