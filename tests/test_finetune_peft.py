@@ -156,6 +156,22 @@ def test_apple_format_adapters_use_transformers_names(data, tmp_path):
     assert rel_err(_ours_logits(merged_model, inputs), expected) <= TOL
 
 
+def test_a_trained_vision_tower_goes_to_modules_to_save(tiny_checkpoint_dir, data, tmp_path):
+    out = tmp_path / "out"
+    args = ["--max-steps", "1", "--batch-size", "4", "--lr", "1e-2", "--train-vision"]
+    assert finetune(tiny_checkpoint_dir, data, out, *args) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["multi_modal_projector", "vision_tower"]
+    inputs = _inputs(tiny_checkpoint_dir, data)
+    expected = _peft_logits(tiny_checkpoint_dir, out, inputs)
+    vlm = fastvlm.load(tiny_checkpoint_dir, adapter=out, device="cpu", dtype="float32", progress=False)
+    assert rel_err(_ours_logits(vlm.model, inputs), expected) <= TOL
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", str(tiny_checkpoint_dir), str(out), str(merged)]) == 0
+    ours = load_model(merged, dtype=torch.float32, device="cpu", progress=False)
+    assert rel_err(_ours_logits(ours, inputs), expected) <= TOL
+
+
 def test_run_takes_an_adapter(tiny_checkpoint_dir, trained, capsys):
     argv = ["run", "none", "Hi", "--model", str(tiny_checkpoint_dir), "--adapter", str(trained)]
     assert cli.main([*argv, "--max-new-tokens", "2", "--device", "cpu", "--dtype", "float32"]) == 0

@@ -14,6 +14,7 @@ uses ``peft``.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,51 @@ def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], settings: LoraS
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    named = {PEFT_PREFIX + ours_to_hf(k): v.detach().cpu().contiguous() for k, v in tensors.items()}
+    plain = {}
+    for name, tensor in tensors.items():
+        plain.update(unfold_ffn_conv(name, tensor.detach().cpu()))
+    named = {PEFT_PREFIX + ours_to_hf(k): v.contiguous() for k, v in plain.items()}
     save_file(named, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     text = json.dumps(peft_config(settings, base), indent=2)
     (folder / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
+
+
+BN_EPS = 1e-5  # timm's BatchNorm2d default, which the loader's folding assumes
+_FFN_CONV = re.compile(r"^(vision_tower\..*\.mlp\.conv\.)(weight|bias)$")
+
+
+def unfold_ffn_conv(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Our folded ConvFFN conv -> timm's conv + BatchNorm (identity statistics, our bias).
+
+    Checkpoints and timm keep the BatchNorm; we fold it at load. Other tensors pass as is.
+    """
+    match = _FFN_CONV.match(name)
+    if match is None:
+        return {name: tensor}
+    p = match.group(1)
+    if match.group(2) == "weight":
+        return {p + "conv.weight": tensor}
+    return {
+        p + "bn.bias": tensor,
+        p + "bn.weight": torch.ones_like(tensor),
+        p + "bn.running_mean": torch.zeros_like(tensor),
+        p + "bn.running_var": torch.full_like(tensor, 1.0 - BN_EPS),
+        p + "bn.num_batches_tracked": torch.tensor(0),
+    }
+
+
+def _fold_vision(whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole vision-tower tensors in timm's form -> ours, by the loader's own fusion rules."""
+    from functools import partial
+
+    from ..checkpoints.fusion import fuse_vision_state
+
+    vision = {k: partial(lambda v: v, v) for k, v in whole.items() if k.startswith("vision_tower.")}
+    if not vision:
+        return whole
+    rest = {k: v for k, v in whole.items() if not k.startswith("vision_tower.")}
+    fused = fuse_vision_state(vision)
+    return {**rest, **{k: make() for k, make in fused.items() if not k.endswith("num_batches_tracked")}}
 
 
 @dataclass
@@ -137,6 +179,7 @@ def read_adapter(folder: str | Path) -> Adapter:
         if set(pair) != {"A", "B"}:
             raise CheckpointError(f"{folder}: {module} has lora_{''.join(pair)} but not its partner")
         adapter.lora[module] = (pair["A"], pair["B"])
+    adapter.whole = _fold_vision(adapter.whole)
     return adapter
 
 

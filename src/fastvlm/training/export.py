@@ -20,10 +20,10 @@ from ..checkpoints.keymap import apple_network_table, apple_to_hf, hf_to_ours
 from ..checkpoints.loader import weight_files
 from ..config import FastVLMConfig
 from ..errors import CheckpointError
+from .adapter import BN_EPS
 
 # (weight file, key in it, how to turn our trained tensor into the stored one; None = as is)
 Target = tuple[Path, str, Callable[[torch.Tensor], torch.Tensor] | None]
-BN_EPS = 1e-5  # timm's BatchNorm2d default, which the loader's folding assumes
 
 
 def base_keys(base: str | Path) -> dict[str, list[Target]]:
