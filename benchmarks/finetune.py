@@ -50,7 +50,7 @@ else:
     from fastvlm.training.adapter import LoraSettings
     from fastvlm.training.lora import add_lora, set_trainable
     from fastvlm.training.loop import TargetLoss
-    from fastvlm.training.recipe import enable_checkpointing
+    from fastvlm.training.lora import enable_checkpointing
     base = load_model(folder, dtype=torch.bfloat16, device="cpu", progress=False)
     add_lora(base, LoraSettings())
     set_trainable(base, full=False, projector=True, vision=False)

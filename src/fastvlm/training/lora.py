@@ -1,4 +1,4 @@
-"""LoRA for training, done by ``peft`` on our plain model, and which parameters learn.
+"""Preparing the plain model for training: LoRA (by ``peft``), what learns, checkpointing.
 
 ``peft.inject_adapter_in_model`` wraps our decoder's ``nn.Linear`` projections in place;
 its LoRA layers (Kaiming A, zero B, dropout on the input) are the ones transformers users
@@ -7,6 +7,8 @@ train. Saving strips PEFT's adapter name and renames to transformers' modules
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -67,3 +69,16 @@ def set_trainable(model: nn.Module, *, full: bool, projector: bool, vision: bool
         if param.requires_grad:
             param.data = param.data.float()
     return [] if full else whole
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations.
+
+    The layer's bound ``forward`` is replaced on the instance, so parameter names (and the
+    saved adapter's keys) stay those of the plain model.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.language_model.layers:
+        plain = layer.forward
+        layer.forward = partial(checkpoint, plain, use_reentrant=False)

@@ -20,7 +20,7 @@ from .adapter import LoraSettings, save_adapter
 from .data import collate, load_examples
 from .distributed import World, barrier, init_world, local_device, shutdown, wrap
 from .loop import LoopSettings, TargetLoss, Trainer, progress_bar, steps_per_epoch, trim_metrics
-from .lora import add_lora, check_targets, lora_tensors, set_trainable
+from .lora import add_lora, check_targets, enable_checkpointing, lora_tensors, set_trainable
 from .state import checkpoint_dir, load_state, save_state
 
 
@@ -151,19 +151,6 @@ def _build_model(cfg: FinetuneConfig, device: torch.device):
     return model, whole
 
 
-def enable_checkpointing(model) -> None:
-    """Recompute each decoder layer in the backward pass instead of keeping its activations.
-
-    The layer's bound ``forward`` is replaced on the instance, so parameter names (and the
-    saved adapter's keys) stay those of the plain model.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in model.language_model.layers:
-        plain = layer.forward
-        layer.forward = partial(checkpoint, plain, use_reentrant=False)
-
-
 def _autocast_dtype(cfg: FinetuneConfig, device: torch.device) -> torch.dtype | None:
     dtype = resolve_dtype(cfg.dtype, device)
     return None if dtype == torch.float32 else dtype
@@ -172,29 +159,19 @@ def _autocast_dtype(cfg: FinetuneConfig, device: torch.device) -> torch.dtype | 
 def _train(
     cfg, model, trained_whole, processor, train_rows, eval_rows, s: LoopSettings, world, device
 ) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    meta = {
-        "seed": cfg.seed,
-        "batch_size": cfg.batch_size,
-        "grad_accum": cfg.grad_accum,
-        "world_size": world.size,
-        "full": cfg.full,
-    }
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    metrics = cfg.output / "metrics.jsonl"
-    start = 0
-    if cfg.resume:
-        start = load_state(cfg.output, model, optimizer, meta)
-        if world.is_main:
-            trim_metrics(metrics, start)
-    elif world.is_main:
-        metrics.unlink(missing_ok=True)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    meta = {"seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
+    meta.update(world_size=world.size, full=cfg.full)
+    start = _start(cfg, model, optimizer, meta, world)
     pad_id = processor.tokenizer.pad_token_id or 0
+    batches = partial(collate, processor=processor, pad_id=pad_id)
+    metrics = cfg.output / "metrics.jsonl"
     trainer = Trainer(
         wrap(TargetLoss(model), world, device),
         optimizer,
-        partial(collate, processor=processor, pad_id=pad_id),
+        batches,
         s,
         world,
         device,
@@ -212,9 +189,9 @@ def _train(
         )
         bar.update(1)
         done = step + 1
-        if eval_rows and s.eval_every and done % s.eval_every == 0 and done < s.total_steps:
+        if done < s.total_steps and eval_rows and s.eval_every and done % s.eval_every == 0:
             trainer.log({"step": done, "eval_loss": trainer.evaluate(eval_rows)})
-        if s.save_every and done % s.save_every == 0 and done < s.total_steps:
+        if done < s.total_steps and s.save_every and done % s.save_every == 0:
             _save_checkpoint(cfg, model, optimizer, done, meta, world)
     bar.close()
     summary = {"steps": s.total_steps, "losses": losses}
@@ -226,6 +203,20 @@ def _train(
         summary["output"] = str(_save_result(cfg, model, trained_whole))
     barrier(world)
     return summary
+
+
+def _start(cfg: FinetuneConfig, model, optimizer, meta: dict, world: World) -> int:
+    """The step to begin at: 0, or the checkpoint's with ``--resume`` (later log lines dropped)."""
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    metrics = cfg.output / "metrics.jsonl"
+    if not cfg.resume:
+        if world.is_main:
+            metrics.unlink(missing_ok=True)
+        return 0
+    start = load_state(cfg.output, model, optimizer, meta)
+    if world.is_main:
+        trim_metrics(metrics, start)
+    return start
 
 
 def _save_checkpoint(cfg, model, optimizer, step: int, meta: dict, world: World) -> None:
