@@ -154,6 +154,13 @@ def test_apple_format_adapters_use_transformers_names(data, tmp_path):
         assert "model.mm_projector.0.weight" in set(f.keys())
     merged_model = load_model(merged, dtype=torch.float32, device="cpu", progress=False)
     assert rel_err(_ours_logits(merged_model, inputs), expected) <= TOL
+    full = tmp_path / "full"  # every weight trained, vision tower included, written back as Apple's
+    assert (
+        finetune(folder, data, full, "--full", "--max-steps", "1", "--batch-size", "4", "--lr", "1e-3") == 0
+    )
+    assert json.loads((full / "config.json").read_text())["model_type"] == "llava_qwen2"
+    trained = load_model(full, dtype=torch.float32, device="cpu", progress=False)
+    assert rel_err(_ours_logits(trained, inputs), _ours_logits(merged_model, inputs)) > 1e-4
 
 
 def test_a_trained_vision_tower_goes_to_modules_to_save(tiny_checkpoint_dir, data, tmp_path):
