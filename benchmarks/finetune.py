@@ -130,9 +130,8 @@ def main() -> int:
         f"# LoRA step, {args.size} shape, bf16 autocast, batch 1, {args.image_size}px image, "
         f"{args.tokens} tokens ({args.answer_tokens} labelled), median of {args.steps} steps"
     )
-    print(
-        "| side | gradient checkpointing | step (s) | peak RSS (MiB) | step-0 loss |\n|---|---|---|---|---|"
-    )
+    print("| side | gradient checkpointing | step (s) | CPU time (s) | peak RSS (MiB) | step-0 loss |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
         side, ckpt = name.split(" ")[0], "on" if "+ckpt" in name else "off"
         row = f"| {side} | {ckpt} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {r['peak_rss_mib']:.0f} |"
