@@ -48,12 +48,13 @@ if side == "transformers":
 else:
     from fastvlm.checkpoints.loader import load_model
     from fastvlm.training.adapter import LoraSettings
-    from fastvlm.training.lora import add_lora, set_trainable
+    from fastvlm.training.lora import add_lora, channels_last_vision, set_trainable
     from fastvlm.training.loop import TargetLoss
     from fastvlm.training.lora import enable_checkpointing
     base = load_model(folder, dtype=torch.bfloat16, device="cpu", progress=False)
     add_lora(base, LoraSettings())
     set_trainable(base, full=False, projector=True, vision=False)
+    channels_last_vision(base)
     if ckpt:
         enable_checkpointing(base)
     model = TargetLoss(base).train()

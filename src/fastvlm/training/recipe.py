@@ -20,7 +20,14 @@ from .adapter import LoraSettings, save_adapter
 from .data import collate, load_examples
 from .distributed import World, barrier, init_world, local_device, shutdown, wrap
 from .loop import LoopSettings, TargetLoss, Trainer, progress_bar, steps_per_epoch, trim_metrics
-from .lora import add_lora, check_targets, enable_checkpointing, lora_tensors, set_trainable
+from .lora import (
+    add_lora,
+    channels_last_vision,
+    check_targets,
+    enable_checkpointing,
+    lora_tensors,
+    set_trainable,
+)
 from .state import checkpoint_dir, load_state, save_state
 
 
@@ -145,6 +152,7 @@ def _build_model(cfg: FinetuneConfig, device: torch.device):
     if not cfg.full:
         add_lora(model, cfg.lora)
     whole = set_trainable(model, full=cfg.full, projector=cfg.train_projector, vision=cfg.train_vision)
+    channels_last_vision(model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
