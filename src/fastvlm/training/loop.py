@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +191,8 @@ def trim_metrics(path: Path, upto_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
-def progress_bar(total: int, start: int, enabled: bool) -> Iterator[int] | object:
+def progress_bar(total: int, start: int, enabled: bool):
+    """A tqdm bar over optimiser steps (off on other ranks and when stderr is not a terminal)."""
     from tqdm.auto import tqdm
 
     return tqdm(
