@@ -122,6 +122,7 @@ class Trainer:
         with self._autocast():
             return self.model(**{k: v.to(self.device) for k, v in batch.items()})
 
+    @torch.enable_grad()  # whatever the caller's mode: training in a no_grad context is still training
     def train_step(self, step: int, examples: list[Example]) -> dict[str, float]:
         """One optimiser step over this rank's micro-batches; returns the logged numbers."""
         start = time.perf_counter()
