@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .checkpoints.adapter import merge_adapter
 from .checkpoints.files import read_config_json
 from .checkpoints.hub import DEFAULT_MODEL, hub_safetensors_headers, is_hub_id, resolve_checkpoint
 from .checkpoints.loader import apply_generation_config, weight_files
@@ -23,6 +24,8 @@ from .checkpoints.safetensors_io import SafetensorsReader
 from .config import FastVLMConfig
 from .errors import InputError
 from .generation.engine import Engine, GenerationRequest, GenerationResult, StreamEvent
+from .generation.feature_cache import DEFAULT_MAX_BYTES as DEFAULT_FEATURE_CACHE_BYTES
+from .generation.prepare import DEFAULT_MAX_IMAGES
 from .generation.sampling import SamplingParams
 from .modeling import FastVLM
 from .models.optimize import SpeedOptions, optimize
@@ -129,12 +132,15 @@ def load(
     max_batch: int = 8,
     max_seq_len: int | None = None,
     feature_cache_size: int = 32,
+    feature_cache_bytes: int = DEFAULT_FEATURE_CACHE_BYTES,
+    max_images_per_request: int = DEFAULT_MAX_IMAGES,
     revision: str | None = None,
     progress: bool = True,
     speed: SpeedOptions | None = None,
     allow_remote_images: bool = True,
     allow_local_images: bool = True,
     allow_private_image_hosts: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> VLM:
     """Load a checkpoint (local folder or hub id, either format) ready to answer questions.
 
@@ -142,11 +148,14 @@ def load(
     native bf16, else fp32). ``speed`` picks the fast paths (default ``SpeedOptions()``:
     fused projections and channels-last vision; ``SpeedOptions(int8=True)`` or
     ``int4=True`` quantise the decoder's weights; ``SpeedOptions.off()`` keeps the plain
-    reference modules). ``max_batch``, ``max_seq_len`` and ``feature_cache_size`` size
-    the engine (see ``Engine``). ``allow_remote_images``/``allow_local_images`` say
-    whether image parts may name URLs or local files (a server that decodes images
-    itself turns both off); URLs are fetched from public hosts only unless
-    ``allow_private_image_hosts`` (localhost, LAN, link-local, ...).
+    reference modules). ``max_batch``, ``max_seq_len``, ``feature_cache_size``,
+    ``feature_cache_bytes`` and ``max_images_per_request`` size the engine (see
+    ``Engine``). ``allow_remote_images``/``allow_local_images`` say whether image parts
+    may name URLs or local files (a server that decodes images itself turns both off);
+    URLs are fetched from public hosts only unless
+    ``allow_private_image_hosts`` (localhost, LAN, link-local, ...). ``adapter`` is a LoRA
+    adapter folder in PEFT's format (from ``fastvlm finetune`` or PEFT itself), merged into
+    the weights before the fast paths are set up.
     Raises CheckpointError (one line) if it cannot be loaded.
     """
     folder = resolve_checkpoint(model, revision=revision)
@@ -155,6 +164,8 @@ def load(
     net = FastVLM.from_pretrained(
         folder, dtype=dtype, device=device, progress=progress, speed=SpeedOptions.off()
     )
+    if adapter is not None:
+        merge_adapter(net, adapter)
     optimize(net, SpeedOptions() if speed is None else speed)
     processor = FastVLMProcessor.from_pretrained(
         folder,
@@ -163,7 +174,13 @@ def load(
         allow_private_image_hosts=allow_private_image_hosts,
     )
     engine = Engine(
-        net, processor, max_batch=max_batch, max_seq_len=max_seq_len, feature_cache_size=feature_cache_size
+        net,
+        processor,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        feature_cache_size=feature_cache_size,
+        feature_cache_bytes=feature_cache_bytes,
+        max_images_per_request=max_images_per_request,
     )
     return VLM(net, processor, engine)
 

@@ -180,6 +180,7 @@ def _load(args: argparse.Namespace):
         max_batch=1,
         progress=sys.stderr.isatty(),
         speed=SpeedOptions(int8=args.int8, int4=args.int4),
+        adapter=args.adapter,
     )
 
 

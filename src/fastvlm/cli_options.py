@@ -21,6 +21,9 @@ def add_placement_options(p: argparse.ArgumentParser) -> None:
     """Where the model runs and in what form."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    p.add_argument(
+        "--adapter", default=None, metavar="DIR", help="LoRA adapter folder (PEFT format) to apply"
+    )
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster decoding)")
     weights.add_argument(

@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--feature-cache-size", type=int, default=32, help="image features kept for reuse")
     parser.add_argument(
+        "--feature-cache-mb", type=int, default=256, help="memory the kept image features may use (MiB)"
+    )
+    parser.add_argument("--max-images-per-request", type=int, default=8, help="more images get a 400")
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
 
@@ -80,6 +84,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     checks = [
         (0 <= args.port <= 65535, f"--port must be 0-65535, got {args.port}"),
         (args.max_batch >= 1, f"--max-batch must be >= 1, got {args.max_batch}"),
+        (args.feature_cache_mb >= 0, f"--feature-cache-mb must be >= 0, got {args.feature_cache_mb}"),
+        (
+            args.max_images_per_request >= 0,
+            f"--max-images-per-request must be >= 0, got {args.max_images_per_request}",
+        ),
         (args.max_queue >= 0, f"--max-queue must be >= 0, got {args.max_queue}"),
         (args.default_max_tokens >= 1, f"--default-max-tokens must be >= 1, got {args.default_max_tokens}"),
         (
@@ -104,6 +113,9 @@ def build_app(args: argparse.Namespace):
         max_batch=args.max_batch,
         max_seq_len=args.max_seq_len,
         feature_cache_size=args.feature_cache_size,
+        feature_cache_bytes=args.feature_cache_mb << 20,
+        max_images_per_request=args.max_images_per_request,
+        adapter=args.adapter,
         speed=SpeedOptions(int8=args.int8, int4=args.int4, compile_vision=args.compile),
         # The server checks and decodes image URLs itself; the processor reads nothing else.
         allow_remote_images=False,
@@ -117,6 +129,7 @@ def build_app(args: argparse.Namespace):
         allow_private_image_hosts=args.allow_private_image_hosts,
         max_queue=args.max_queue,
         default_max_tokens=args.default_max_tokens,
+        max_images=args.max_images_per_request,
     )
 
 
