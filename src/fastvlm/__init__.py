@@ -1,6 +1,7 @@
 """FastVLM in plain PyTorch: faithful, fast, and easy to run and serve."""
 
 from .api import VLM, load
+from .batch import run_batch
 from .config import FastVLMConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, ContextLengthError, FastVLMError, InputError
 from .generation.engine import (
