@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs named in a table"
     )
     p.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (a row error)")
+    p.add_argument("--commit-every", type=int, default=32, metavar="N", help="rows per part file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         allow_remote_images=args.allow_remote_images,
         max_image_pixels=args.max_image_pixels,
         progress=not args.no_progress,
+        commit_every=args.commit_every,
     )
     print(summary.line(), file=sys.stderr)
     return 0

@@ -23,8 +23,7 @@ from .inputs import iter_rows, open_inputs, plan
 from .options import BatchOptions, image_load_options, load_model
 from .output import PartWriter, check_output, done_ids
 
-_COMMIT_ROWS = 32  # rows per part file: a kill loses at most this many finished rows ...
-_COMMIT_S = 10.0  # ... or this many seconds of work
+_COMMIT_S = 10.0  # a part file at least this often, so a kill loses little work
 
 
 @dataclass
@@ -55,10 +54,11 @@ class BatchSummary:
 class Recorder:
     """Receives result rows: writes them, commits a part now and then, counts, shows progress."""
 
-    def __init__(self, writer: PartWriter, summary: BatchSummary, total: int, progress: bool) -> None:
+    def __init__(self, writer: PartWriter, summary: BatchSummary, total: int, opts: BatchOptions) -> None:
         from tqdm.auto import tqdm
 
-        self.writer, self.summary = writer, summary
+        self.writer, self.summary, self.commit_every = writer, summary, opts.commit_every
+        progress = opts.progress
         self.bar = tqdm(total=total, unit="img", desc="batch", disable=not progress, file=sys.stderr)
         self.started = self.last_commit = time.perf_counter()
 
@@ -70,7 +70,7 @@ class Recorder:
             self.summary.failed += 1
         self.bar.update(1)
         now = time.perf_counter()
-        if len(self.writer.pending) >= _COMMIT_ROWS or now - self.last_commit >= _COMMIT_S:
+        if len(self.writer.pending) >= self.commit_every or now - self.last_commit >= _COMMIT_S:
             self.writer.commit()
             self.last_commit = now
 
@@ -99,7 +99,7 @@ def run_batch(inputs: list[str] | str, output: str | os.PathLike, **options: Any
     if todo == 0:
         return summary
     rows = iter_rows(sources, done)
-    recorder = Recorder(PartWriter(out), summary, todo, opts.progress)
+    recorder = Recorder(PartWriter(out), summary, todo, opts)
     try:
         if opts.ray:
             from .ray_job import run_ray

@@ -43,6 +43,7 @@ class BatchOptions:
     allow_remote_images: bool = False
     max_image_pixels: int | None = None  # None: the processor's limit
     progress: bool = True
+    commit_every: int = 32  # rows per part file: a kill loses at most these (or 10 s of work)
     ray_remote_args: dict[str, Any] = field(default_factory=dict)  # extra options for the model actors
 
     def __post_init__(self) -> None:
@@ -55,7 +56,7 @@ class BatchOptions:
             raise InputError("the prompt must be non-empty text; pass --prompt TEXT")
         if self.int8 and self.int4:
             raise InputError("pick one of int8 and int4")
-        for name in ("max_batch", "workers"):
+        for name in ("max_batch", "workers", "commit_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be an integer >= 1, got {value!r}")
