@@ -21,7 +21,6 @@ from .inputs import Row
 from .options import BatchOptions, image_load_options, load_model
 from .stages import EngineDriver, Prepared, preprocess
 
-_ROWS_PER_BLOCK = 64  # rows per block of the listed input
 _DECODE_BATCH = 4  # rows per decode task: decoded RGB (up to ~3 MB per 1024 px image) travels in blocks
 _CPU_PER_DECODE = 0.25  # fractional, so decode tasks still run beside CPU model replicas
 
@@ -80,7 +79,9 @@ def _pipeline(opts: BatchOptions, rows: Iterator[Row]):
     context.enable_progress_bars = False  # the job shows its own bar, with images/s and ETA
     processor = FastVLMProcessor.from_pretrained(opts.model)  # tokenizer and settings only
     decode_args = (opts.prompt, image_load_options(processor, opts), processor.settings.rgb_rules)
-    ds = ray.data.from_arrow(list(_blocks(rows)))
+    # A block goes whole to one replica, so blocks of one model batch spread rows over replicas.
+    rows_per_block = 2 * opts.max_batch  # enough to refill the engine's batch as rows finish
+    ds = ray.data.from_arrow(list(_blocks(rows, rows_per_block)))
     ds = ds.map_batches(
         _decode_batch, fn_args=decode_args, batch_size=_DECODE_BATCH, batch_format="pyarrow",
         num_cpus=_CPU_PER_DECODE,
@@ -90,7 +91,7 @@ def _pipeline(opts: BatchOptions, rows: Iterator[Row]):
     return ds.map_batches(
         Predictor,
         fn_constructor_args=(opts, gpus),
-        batch_size=2 * opts.max_batch,  # enough rows to refill the engine's batch as rows finish
+        batch_size=rows_per_block,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=opts.workers, max_tasks_in_flight_per_actor=2),
         **{**placement, **opts.ray_remote_args},
@@ -105,8 +106,8 @@ def _cpus_per_replica(workers: int) -> float:
     return max(0.5, round(cpus * 0.75 / workers, 2))
 
 
-def _blocks(rows: Iterator[Row]) -> Iterator[Any]:
-    """The listed rows as Arrow tables of ``_ROWS_PER_BLOCK`` rows."""
+def _blocks(rows: Iterator[Row], size: int) -> Iterator[Any]:
+    """The listed rows as Arrow tables of ``size`` rows."""
     import pyarrow as pa
 
     schema = pa.schema(
@@ -118,7 +119,7 @@ def _blocks(rows: Iterator[Row]) -> Iterator[Any]:
         source = row.source
         path, data = (source, None) if isinstance(source, str) or source is None else (None, source)
         chunk.append({"id": row.id, "image": row.image, "path": path, "data": data, "prompt": row.prompt})
-        if len(chunk) == _ROWS_PER_BLOCK:
+        if len(chunk) == size:
             yield pa.Table.from_pylist(chunk, schema=schema)
             chunk = []
     if chunk:

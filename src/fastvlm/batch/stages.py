@@ -8,6 +8,7 @@ row becomes that row's ``error``; nothing here stops a job.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,10 @@ from ..api import build_request, image_message
 from ..errors import FastVLMError
 from ..processing.images import ImageLoadOptions, RGBRules, load_rgb_image
 from .inputs import Row
+
+# Pillow names the in-memory file it failed on ("<_io.BytesIO object at 0x7f...>"); the
+# address differs per run, and an error must read the same in every run and mode.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass
@@ -38,13 +43,17 @@ def preprocess(row: Row, default_prompt: str, options: ImageLoadOptions, rules: 
     try:
         rgb = load_rgb_image(row.source, options, rules, f"image {row.id!r}")
     except FastVLMError as exc:
-        return Prepared(row.id, row.image, prompt, error=str(exc))
+        return Prepared(row.id, row.image, prompt, error=_stable(str(exc)))
     except Exception as exc:  # whatever else one file can do must not stop the job
         return Prepared(row.id, row.image, prompt, error=f"image {row.id!r}: {type(exc).__name__}: {exc}")
     # Handed over as a PIL image, a leftover transparency key would be composited onto
     # white; decoded from the file it is ignored. Drop it so both give the same pixels.
     rgb.info.pop("transparency", None)
     return Prepared(row.id, row.image, prompt, rgb=rgb)
+
+
+def _stable(message: str) -> str:
+    return _OBJECT_REPR.sub("", message)
 
 
 def result_row(item: Prepared, result: Any = None, error: str | None = None) -> dict[str, Any]:
