@@ -32,8 +32,9 @@ class BatchSummary:
     done: int = 0  # rows answered by this run
     failed: int = 0  # rows written with an error by this run
     skipped: int = 0  # rows already in the output
-    seconds: float = 0.0  # from the first row to the last (model loading excluded)
+    seconds: float = 0.0  # the job after loading (local mode) or from Ray start (Ray mode)
     load_seconds: float = 0.0
+    first_row_seconds: float = 0.0  # from the start of ``seconds`` to the first row
     mode: str = "local"
     rows_per_node: dict[str, int] = field(default_factory=dict)  # Ray mode: where rows ran
 
@@ -69,6 +70,8 @@ class Recorder:
         else:
             self.summary.failed += 1
         self.bar.update(1)
+        if not self.summary.first_row_seconds:
+            self.summary.first_row_seconds = time.perf_counter() - self.started
         now = time.perf_counter()
         if len(self.writer.pending) >= self.commit_every or now - self.last_commit >= _COMMIT_S:
             self.writer.commit()
@@ -90,6 +93,10 @@ def run_batch(inputs: list[str] | str, output: str | os.PathLike, **options: Any
         opts = BatchOptions(inputs=inputs, output=str(output), **options)
     except TypeError as exc:
         raise InputError(f"run_batch: {exc}") from None
+    if opts.ray:
+        from .ray_job import require_ray
+
+        require_ray()
     out = check_output(opts.output)
     build_request(image_message(None, opts.prompt), **opts.generation)  # bad options fail now
     sources = open_inputs(list(opts.inputs), opts.columns)

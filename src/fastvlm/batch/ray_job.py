@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..errors import InputError
 from .inputs import Row
 from .options import BatchOptions, image_load_options, load_model
 from .stages import EngineDriver, Prepared, preprocess
@@ -44,6 +45,14 @@ def run_ray(
             ray.shutdown()
 
 
+def require_ray() -> None:
+    """InputError (one line) when Ray Data is not installed."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise InputError(f"--ray needs Ray Data ({exc}); install it: pip install 'fastvlm[ray]'") from None
+
+
 def _connect(address: str) -> bool:
     """Join ``address`` ("auto" or host:port) or start a private instance ("local").
 
@@ -54,7 +63,6 @@ def _connect(address: str) -> bool:
 
     if ray.is_initialized():
         return False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the job prints its own progress
     if address == "local":
         # A private instance serves this machine only: bind it to loopback.
         ray.init(
@@ -64,8 +72,15 @@ def _connect(address: str) -> bool:
             log_to_driver=False,
             logging_level=logging.WARNING,
         )
-    else:
+        return True
+    try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise InputError(
+            f"cannot join the Ray cluster at {address!r} ({reason}); start one with 'ray start --head', "
+            "or pass --ray alone to start Ray on this machine"
+        ) from None
     return True
 
 
@@ -75,6 +90,7 @@ def _pipeline(opts: BatchOptions, rows: Iterator[Row]):
 
     from ..processing import FastVLMProcessor
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the job shows its own progress
     context = DataContext.get_current()
     context.enable_progress_bars = False  # the job shows its own bar, with images/s and ETA
     processor = FastVLMProcessor.from_pretrained(opts.model)  # tokenizer and settings only
