@@ -75,6 +75,7 @@ class Table:
 
     def __init__(self, path: Path, columns: Columns) -> None:
         self.path, self.columns, self.spec = path, columns, str(path)
+        self.length: int | None = None
         names = self._column_names()
         wanted = [("--image-column", columns.image), ("--id-column", columns.id)]
         if columns.prompt_given:
@@ -85,9 +86,12 @@ class Table:
                 raise InputError(f"{path} has no column {name!r} (its columns: {shown}); pass {flag} NAME")
 
     def __len__(self) -> int:
-        if self.path.suffix == ".parquet":
-            return _parquet_file(self.path).metadata.num_rows
-        return sum(1 for _ in self._records())
+        if self.length is None:  # a text table is read once to count it, not once per use
+            if self.path.suffix == ".parquet":
+                self.length = _parquet_file(self.path).metadata.num_rows
+            else:
+                self.length = sum(1 for _ in self._records())
+        return self.length
 
     def ids(self) -> Iterator[str]:
         if self.columns.id is None:

@@ -38,7 +38,7 @@ class BatchOptions:
     int8: bool = False
     int4: bool = False
     max_batch: int = 8
-    ray: str | None = None
+    ray: str | bool | None = None
     workers: int = 1
     allow_remote_images: bool = False
     max_image_pixels: int | None = None  # None: the processor's limit
@@ -50,6 +50,8 @@ class BatchOptions:
         if isinstance(self.inputs, (str, os.PathLike)):
             object.__setattr__(self, "inputs", (str(self.inputs),))
         object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))
+        if isinstance(self.ray, bool):  # run_batch(..., ray=True) from Python
+            object.__setattr__(self, "ray", "local" if self.ray else None)
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or ()
         object.__setattr__(self, "stop", tuple(stop))
         if not isinstance(self.prompt, str) or not self.prompt.strip():
