@@ -1,6 +1,7 @@
 """FastVLM in plain PyTorch: faithful, fast, and easy to run and serve."""
 
 from .api import VLM, load
+from .batch import run_batch as run_batch  # a public name, like those in __all__
 from .config import FastVLMConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, ContextLengthError, FastVLMError, InputError
 from .generation.engine import (
