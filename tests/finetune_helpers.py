@@ -50,7 +50,7 @@ def image_inputs(processor, image: Path):
     conv = [
         {"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": "Hi"}]}
     ]
-    return processor.apply_chat_template(conv)
+    return processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)
 
 
 def ours_logits(model, inputs) -> torch.Tensor:

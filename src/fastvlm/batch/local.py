@@ -1,4 +1,8 @@
-"""Local mode: one process; a small thread pool decodes images ahead of one engine.
+"""Local mode: one process; a small thread pool prepares rows ahead of one engine.
+
+Each pool task reads and decodes a row's image and prepares its request (template,
+tokens, resize, crop), so the thread that runs the model only queues prepared requests
+and steps the engine.
 
 The pool runs at most ``max_batch + threads`` rows ahead of the model, so memory stays
 flat however long the collection is; the engine's continuous batching refills a row of
@@ -16,7 +20,7 @@ from typing import Any
 
 from ..processing.images import ImageLoadOptions, RGBRules
 from .inputs import Row
-from .stages import EngineDriver, Prepared, preprocess
+from .stages import EngineDriver, Prepared, prepare_request, preprocess
 
 
 def default_threads() -> int:
@@ -48,7 +52,8 @@ def run_local(
                 if row is None:
                     exhausted = True
                 else:
-                    pending.append(pool.submit(preprocess, row, default_prompt, load_options, rules))
+                    task = (engine, row, default_prompt, generation, load_options, rules)
+                    pending.append(pool.submit(_prepare, *task))
             # Take a row when it is ready, or wait for one when the engine has nothing to do.
             while pending and driver.room() > 0 and (pending[0].done() or not driver.has_work):
                 failed = driver.add(pending.popleft().result())
@@ -59,3 +64,7 @@ def run_local(
                     emit(result)
             elif exhausted and not pending:
                 return
+
+
+def _prepare(engine, row: Row, default_prompt: str, generation: dict[str, Any], options, rules) -> Prepared:
+    return prepare_request(engine, preprocess(row, default_prompt, options, rules), generation)

@@ -33,6 +33,7 @@ class Prepared:
     prompt: str
     rgb: Image.Image | None = None
     error: str | None = None
+    request: Any = None  # the engine's PreparedRequest once ``prepare_request`` ran
 
 
 def preprocess(row: Row, default_prompt: str, options: ImageLoadOptions, rules: RGBRules) -> Prepared:
@@ -50,6 +51,20 @@ def preprocess(row: Row, default_prompt: str, options: ImageLoadOptions, rules: 
     # white; decoded from the file it is ignored. Drop it so both give the same pixels.
     rgb.info.pop("transparency", None)
     return Prepared(row.id, row.image, prompt, rgb=rgb)
+
+
+def prepare_request(engine, item: Prepared, generation: dict[str, Any]) -> Prepared:
+    """Template, tokenise, resize and crop ``item`` for ``engine`` (any thread), so that the
+    thread that runs the model only queues it; a row that cannot run gets its error here."""
+    if item.error is not None:
+        return item
+    try:
+        request = build_request(image_message(item.rgb, item.prompt), **generation)
+        item.request = engine.prepare(request)
+    except FastVLMError as exc:  # prompt too long, image unusable, ...
+        item.error = _stable(str(exc))
+    item.rgb = None  # the prepared request holds the (compact) pixels now
+    return item
 
 
 def _stable(message: str) -> str:
@@ -74,7 +89,7 @@ def result_row(item: Prepared, result: Any = None, error: str | None = None) -> 
 class EngineDriver:
     """Feeds prepared rows to an ``Engine`` and turns its finished requests into result rows.
 
-    Uses only the engine's public surface: ``add_request``, ``step``, ``has_work``,
+    Uses only the engine's public surface: ``add_request`` / ``add_prepared``, ``step``, ``has_work``,
     ``num_running``/``num_waiting``, ``max_batch``; a ``GenerationError`` (a failed model
     step) fails the rows it names and the rest go on.
     """
@@ -96,11 +111,14 @@ class EngineDriver:
         if item.error is not None:
             return result_row(item, error=item.error)
         try:
-            request = build_request(image_message(item.rgb, item.prompt), **self.generation)
-            request_id = self.engine.add_request(request)
+            if item.request is not None:  # prepared off this thread (local mode's pool)
+                request_id = self.engine.add_prepared(item.request)
+            else:
+                request = build_request(image_message(item.rgb, item.prompt), **self.generation)
+                request_id = self.engine.add_request(request)
         except FastVLMError as exc:  # unreadable image, prompt too long, ...
             return result_row(item, error=str(exc))
-        item.rgb = None  # the engine holds the pixels now
+        item.rgb = item.request = None  # the engine holds the pixels now
         self.in_flight[request_id] = item
         return None
 
