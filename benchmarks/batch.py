@@ -41,7 +41,7 @@ def write_checkpoint(folder: Path, size: str, dtype: str) -> Path:
 
     if size == "tiny":
         return builders.tiny_checkpoint(folder)[0]
-    from fastvlm.bench import SIZES, _reference_from_config
+    from fastvlm.bench.sides import SIZES, _reference_from_config
 
     _reference_from_config(SIZES[size], getattr(torch, dtype)).save_pretrained(folder)
     builders.save_hf_processor(folder, image_size=1024)
@@ -163,7 +163,7 @@ def run_modes(model: Path, images: Path, tmp: Path, args) -> list[dict]:
 
 
 def print_table(rows: list[dict], args) -> None:
-    from fastvlm.bench import hardware
+    from fastvlm.bench.cli import hardware
 
     shape = f"{args.size}, {args.dtype}, {args.images} images, {args.new_tokens} new tokens"
     print(f"# fastvlm batch: {shape}, max_batch {args.max_batch}, {hardware(torch.device(args.device))}")

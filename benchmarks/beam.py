@@ -32,7 +32,7 @@ CASES = [  # name, generate options
 
 
 def build(size: str, dtype: torch.dtype, device: torch.device):
-    from fastvlm.bench import SIZES, _reference_from_config
+    from fastvlm.bench.sides import SIZES, _reference_from_config
     from fastvlm.checkpoints.loader import model_from_state_dict
     from fastvlm.config import FastVLMConfig
 

@@ -22,10 +22,9 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("fastapi", reason="the server needs the 'server' extra (fastapi, uvicorn)")
+import fastapi  # noqa: F401  (the test extra installs the server; a missing one must fail, not skip)
 import httpx  # noqa: E402
+import pytest
 
 import builders  # noqa: E402
 from fastvlm.server.request_id import RequestIdFilter  # noqa: E402
@@ -41,10 +40,6 @@ from test_server import (  # noqa: E402
     load_tiny,
     serve,
     wait_until,
-)
-
-pytestmark = pytest.mark.skipif(
-    builders.shared_assets() is None, reason="shared/assets (tokenizer, images) missing"
 )
 
 HEAD_TIMEOUT_S = 0.5

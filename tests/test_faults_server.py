@@ -10,11 +10,10 @@ import logging
 import threading
 import time
 
-import pytest
-
-pytest.importorskip("fastapi", reason="the server needs the 'server' extra (fastapi, uvicorn)")
-openai = pytest.importorskip("openai", reason="the tests use the official openai client")
+import fastapi  # noqa: F401  (the test extra installs the server; a missing one must fail, not skip)
 import httpx  # noqa: E402
+import openai
+import pytest
 
 import builders  # noqa: E402
 from fastvlm.errors import InputError  # noqa: E402

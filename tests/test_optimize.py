@@ -75,6 +75,7 @@ def test_int8_weights_stay_close(plain, inputs, dtype):
     assert _rel(quant(ids, pixel_values=px).logits, base(ids, pixel_values=px).logits) <= 0.05
 
 
+@pytest.mark.slow
 def test_compiled_vision_tower_matches_eager(plain, inputs):
     _, px = inputs
     fast = optimize(copy.deepcopy(plain), SpeedOptions(compile_vision=True))

@@ -21,11 +21,10 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("fastapi", reason="the server needs the 'server' extra (fastapi, uvicorn)")
-openai = pytest.importorskip("openai", reason="the tests use the official openai client")
+import fastapi  # noqa: F401  (the test extra installs the server; a missing one must fail, not skip)
 import httpx  # noqa: E402
+import openai
+import pytest
 import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -39,10 +38,6 @@ from fastvlm.server.serving import ConnectionLimits, uvicorn_config  # noqa: E40
 
 MODEL = "tiny-fastvlm"
 TIMEOUT = 60.0
-pytestmark = pytest.mark.skipif(
-    builders.shared_assets() is None, reason="shared/assets (tokenizer, images) missing"
-)
-
 # ---- harness --------------------------------------------------------------------------
 
 
