@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import statistics
 import time
 from pathlib import Path
 
 import httpx
+from sse_client import has_content, percentile, stream_events
 
 
 def _png_1x1(index: int) -> str:
@@ -53,17 +53,11 @@ def _image_content(uris: list[str], text: str) -> list[dict]:
 
 async def _stream_chunks(client: httpx.AsyncClient, url: str, body: dict, stamps: list[float], started):
     """Stream ``body``, appending the arrival time of every content chunk to ``stamps``."""
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("choices") and data["choices"][0]["delta"].get("content"):
-                stamps.append(time.perf_counter())
-                if not started.is_set() and len(stamps) >= 5:
-                    started.set()
+    async for data in stream_events(client, url, body):
+        if has_content(data):
+            stamps.append(time.perf_counter())
+            if not started.is_set() and len(stamps) >= 5:
+                started.set()
 
 
 async def _post(client: httpx.AsyncClient, url: str, body: dict) -> int:
@@ -105,8 +99,8 @@ async def stall(args, url: str, image_uri) -> dict:
         "arrivals_wall_s": round(end - begin, 3),
         "gaps_measured": len(gaps),
         "gap_quiet_p50_ms": round(1000 * statistics.median(before), 2) if before else None,
-        "gap_p50_ms": round(1000 * _percentile(gaps, 50), 2),
-        "gap_p99_ms": round(1000 * _percentile(gaps, 99), 2),
+        "gap_p50_ms": round(1000 * percentile(gaps, 50), 2),
+        "gap_p99_ms": round(1000 * percentile(gaps, 99), 2),
         "gap_max_ms": round(1000 * max(gaps), 2) if gaps else None,
     }
 
@@ -152,12 +146,3 @@ async def queue_memory(args, url: str, pid: int) -> dict:
         "rss_before_mb": round(baseline / 2**20),
         "peak_rss_mb": round(peak / 2**20),
     }
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from sse_client import has_content, percentile, stream_events
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVED_NAME = "fastvlm-0.5b-random"
@@ -211,17 +212,11 @@ def request_body(args: argparse.Namespace, index: int) -> dict:
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Sample:
     start = time.perf_counter()
     first, tokens = None, 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                tokens = data["usage"]["completion_tokens"]
-            if first is None and data.get("choices") and data["choices"][0]["delta"].get("content"):
-                first = time.perf_counter()
+    async for data in stream_events(client, url, body):
+        if data.get("usage"):
+            tokens = data["usage"]["completion_tokens"]
+        if first is None and has_content(data):
+            first = time.perf_counter()
     end = time.perf_counter()
     return Sample((first or end) - start, end - start, tokens)
 
@@ -255,16 +250,6 @@ async def run_level(args: argparse.Namespace, url: str, concurrency: int, offset
         "latency_mean_s": round(statistics.fmean(s.total_s for s in samples), 3),
         "completion_tokens": tokens,
     }
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_values:
-        return float("nan")
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def peak_batch(url: str, api_key: str | None) -> float | None:
