@@ -41,9 +41,9 @@ def write_checkpoint(folder: Path, size: str, dtype: str) -> Path:
 
     if size == "tiny":
         return builders.tiny_checkpoint(folder)[0]
-    from fastvlm.bench.sides import SIZES, _reference_from_config
+    from fastvlm.bench.sides import SIZES, reference_from_config
 
-    _reference_from_config(SIZES[size], getattr(torch, dtype)).save_pretrained(folder)
+    reference_from_config(SIZES[size], getattr(torch, dtype)).save_pretrained(folder)
     builders.save_hf_processor(folder, image_size=1024)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
     return folder

@@ -32,7 +32,7 @@ CASES = [  # name, generate options
 
 
 def build(size: str, dtype: torch.dtype, device: torch.device):
-    from fastvlm.bench.sides import SIZES, _reference_from_config
+    from fastvlm.bench.sides import SIZES, reference_from_config
     from fastvlm.checkpoints.loader import model_from_state_dict
     from fastvlm.config import FastVLMConfig
 
@@ -48,7 +48,7 @@ def build(size: str, dtype: torch.dtype, device: torch.device):
         return ours, ref.to(device)
     from fastvlm.config import VisionConfig
 
-    ref = _reference_from_config(SIZES[size], dtype).to(device)
+    ref = reference_from_config(SIZES[size], dtype).to(device)
     config = FastVLMConfig(vision=VisionConfig(), text=SIZES[size], image_token_id=151646)
     return model_from_state_dict(config, ref.state_dict(), dtype=dtype, device=device), ref
 

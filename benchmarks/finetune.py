@@ -85,11 +85,11 @@ print(json.dumps({**result, "losses": losses}))
 def write_checkpoint(folder: Path, size: str) -> None:
     import torch
 
-    from fastvlm.bench.sides import SIZES, _reference_from_config
+    from fastvlm.bench.sides import SIZES, reference_from_config
     from fastvlm.config import TextConfig
 
     text = SIZES[size] if size in SIZES else TextConfig(152000, 64, 96, 2, 4, 2, tie_word_embeddings=True)
-    _reference_from_config(text, torch.bfloat16).save_pretrained(folder)
+    reference_from_config(text, torch.bfloat16).save_pretrained(folder)
 
 
 def run_side(side: str, folder: Path, args, checkpointing: bool) -> dict:

@@ -46,9 +46,9 @@ print(f"{peak_mib:.0f} {loaded - start:.2f}")
 def write_checkpoint(folder: Path, size: str, dtype: str) -> None:
     import torch
 
-    from fastvlm.bench.sides import SIZES, _reference_from_config
+    from fastvlm.bench.sides import SIZES, reference_from_config
 
-    ref = _reference_from_config(SIZES[size], getattr(torch, dtype))
+    ref = reference_from_config(SIZES[size], getattr(torch, dtype))
     ref.save_pretrained(folder)
 
 

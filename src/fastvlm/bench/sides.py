@@ -27,7 +27,7 @@ SIZES = {  # Qwen2 decoders of the published FastVLM checkpoints
 # ---- building the sides -----------------------------------------------------------
 
 
-def _reference_from_config(text: TextConfig, dtype: torch.dtype):
+def reference_from_config(text: TextConfig, dtype: torch.dtype):
     from transformers import FastVlmConfig, FastVlmForConditionalGeneration
 
     config = FastVlmConfig(
@@ -85,7 +85,7 @@ def reference_and_checkpoint(args, dtype: torch.dtype, device: torch.device, scr
     if args.no_reference:
         raise InputError("random weights are made by transformers: drop --no-reference or pass --model")
     _require_reference()
-    ref = _reference_from_config(SIZES[args.size], dtype)
+    ref = reference_from_config(SIZES[args.size], dtype)
     ref.save_pretrained(scratch)  # what from_pretrained and load then read, like any checkpoint
     return ref.to(device), scratch
 
