@@ -58,12 +58,14 @@ def prepare_request(request: GenerationRequest, processor, limits: PrepareLimits
     if is_batch(request.messages):
         raise InputError("messages must be one conversation (a list of messages), not a list of them")
     _check_size(request.messages, limits)
-    # The processor checks the model's context before it decodes any image. A budget that
-    # will be fitted to the room left cannot overflow it, so then only the prompt must fit.
+    # The processor checks this engine's limit before it decodes any image, so a
+    # conversation whose images cannot fit costs no decoding. A budget that will be
+    # fitted to the room left cannot overflow it, so then only the prompt must fit.
     checked_budget = 0 if request.fit_to_context else request.max_new_tokens
     inputs = processor.apply_chat_template(
         request.messages, add_generation_prompt=True, tokenize=True, return_dict=True,
         return_tensors="pt", max_new_tokens=checked_budget, uint8_pixels=True,
+        context_length=limits.max_seq_len,
     )  # fmt: skip
     ids = inputs["input_ids"][0]  # (T,)
     T = ids.numel()

@@ -135,6 +135,7 @@ class FastVLMProcessor:
         max_new_tokens: int = 0,
         check_length: bool = True,
         uint8_pixels: bool = False,
+        context_length: int | None = None,
         **template_kwargs: Any,
     ) -> BatchInputs | torch.Tensor | list | str:
         """Render one conversation or a list of them, as transformers' processors do: by
@@ -144,8 +145,9 @@ class FastVLMProcessor:
         ``continue_final_message`` leaves the last message open (no end-of-turn tokens),
         for the model to continue it. Extra keyword arguments reach the template as
         variables. With ``check_length``, a prompt that with ``max_new_tokens`` more
-        tokens would not fit ``max_length`` raises ContextLengthError before any image is
-        decoded. With ``uint8_pixels``, ``pixel_values`` are the resized and cropped uint8
+        tokens would not fit ``max_length`` (or ``context_length``, when a caller such as an
+        engine has a smaller limit) raises ContextLengthError before any image is decoded.
+        With ``uint8_pixels``, ``pixel_values`` are the resized and cropped uint8
         pixels (a quarter of the size); ``normalize_pixels`` turns them into the float32
         ones. A message's content may be a plain string; the reference renders such
         content as nothing with the FastVLM template, here it is one text part.
@@ -167,7 +169,8 @@ class FastVLMProcessor:
         images = [ref for p in parsed for ref in p.images]
         check_markers(prompts, [len(p.images) for p in parsed], self.image_token, batched)
         text = TextOptions(return_tensors, padding, truncation, max_length, add_special_tokens)
-        out = self._build(prompts, images, batched, text, max_new_tokens, check_length, uint8_pixels)
+        limit = context_length if check_length else None
+        out = self._build(prompts, images, batched, text, max_new_tokens, check_length, uint8_pixels, limit)
         return out if return_dict else out["input_ids"]
 
     def __call__(
@@ -241,14 +244,28 @@ class FastVLMProcessor:
         """uint8 pixels (N, 3, H, W) from ``uint8_pixels=True`` -> float32, exactly as without it."""
         return normalize_pixels(pixels, self.settings.image)
 
-    def check_length(self, num_tokens: int, max_new_tokens: int = 0, where: str = "") -> None:
-        """Raise ContextLengthError if ``num_tokens + max_new_tokens`` exceeds the context."""
-        limit = self.max_length
-        if limit is None or num_tokens + max_new_tokens <= limit:
+    def check_length(
+        self,
+        num_tokens: int,
+        max_new_tokens: int = 0,
+        where: str = "",
+        *,
+        limit: int | None = None,
+        num_images: int = 0,
+    ) -> None:
+        """Raise ContextLengthError if ``num_tokens + max_new_tokens`` exceeds the context
+        (``limit`` when given and lower than the model's); the message counts the tokens
+        of the prompt's ``num_images`` images, since they are often most of it."""
+        context = self.max_length if limit is None or self.max_length is None else min(limit, self.max_length)
+        if context is None or num_tokens + max_new_tokens <= context:
             return
+        owner = "the model's context" if context == self.max_length else "the context limit"
         extra = f" plus {max_new_tokens} new tokens" if max_new_tokens else ""
+        if num_images:
+            plural = "s take" if num_images > 1 else " takes"
+            extra = f" ({num_images} image{plural} {num_images * self.num_image_tokens} of them){extra}"
         raise ContextLengthError(
-            f"{where}the prompt is {num_tokens} tokens{extra}, over the model's context of {limit} tokens; "
+            f"{where}the prompt is {num_tokens} tokens{extra}, over {owner} of {context} tokens; "
             "shorten the conversation, send fewer images or ask for fewer new tokens"
         )
 
@@ -282,14 +299,17 @@ class FastVLMProcessor:
         max_new_tokens: int,
         check_length: bool,
         uint8_pixels: bool = False,
+        limit: int | None = None,
     ) -> BatchInputs:
         sequences = [self.encode_prompt(p) for p in prompts]
         if text.add_special_tokens:  # what the tokenizer adds around any text (nothing for Qwen2)
             specials = self.tokenizer.encode("", add_special_tokens=True)
             sequences = [specials + ids for ids in sequences]
         if check_length:
-            for index, ids in enumerate(sequences):
-                self.check_length(len(ids), max_new_tokens, f"conversation {index}: " if batched else "")
+            for index, (prompt, ids) in enumerate(zip(prompts, sequences, strict=True)):
+                where = f"conversation {index}: " if batched else ""
+                images = prompt.count(self.image_token)
+                self.check_length(len(ids), max_new_tokens, where, limit=limit, num_images=images)
         if text.truncation not in (False, None, "do_not_truncate"):
             sequences = self.tokenizer.truncate(sequences, text.truncation, text.max_length)
             check_image_tokens(
