@@ -46,7 +46,7 @@ def create_app(
     max_queue: int = 64,
     default_max_tokens: int = 512,
     image_options: ImageLoadOptions | None = None,
-    max_images: int = MAX_IMAGES_PER_REQUEST,
+    max_images: int | None = None,
     max_body_bytes: int = 64 * 1024 * 1024,
     body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
@@ -63,7 +63,14 @@ def create_app(
     )
     metrics = Metrics(max_batch=int(getattr(engine, "max_batch", 1)))
     worker = EngineWorker(engine, max_queue=max_queue, metrics=metrics)
-    policy = Policy(served_model_name, int(engine.max_seq_len), default_max_tokens, images, max_images)
+    policy = Policy(
+        served_model_name,
+        int(engine.max_seq_len),
+        default_max_tokens,
+        images,
+        _max_images(engine) if max_images is None else max_images,
+        image_tokens=int(getattr(getattr(engine, "processor", None), "num_image_tokens", 0)),
+    )
     state = ServerState(worker, policy)
 
     @asynccontextmanager
@@ -117,6 +124,12 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _max_images(engine) -> int:
+    """The engine's own limit, so that the server refuses exactly what the engine would."""
+    limits = getattr(engine, "limits", None)
+    return int(getattr(limits, "max_images", MAX_IMAGES_PER_REQUEST))
 
 
 def _model_card(name: str, created: int) -> dict:

@@ -44,6 +44,7 @@ class Policy:
     images: ImageLoadOptions = server_image_options()
     max_images: int = MAX_IMAGES_PER_REQUEST
     max_image_bytes: int = MAX_REQUEST_IMAGE_BYTES  # all images of one request together
+    image_tokens: int = 0  # context tokens each image takes, whatever its size (0: unknown)
 
     @property
     def max_characters(self) -> int:
@@ -101,6 +102,7 @@ async def to_generation_request(
     _refuse_unsupported(body)
     _check_text(body, policy)
     max_new_tokens, sampling, stop = _max_new_tokens(body, policy), _sampling(body), _stop_strings(body)
+    _check_image_room(body, policy)
     # Images last: they cost the most to check.
     messages = [await _message(m, i, policy.images, http) for i, m in enumerate(body.messages)]
     _check_image_bytes(messages, policy)
@@ -138,8 +140,7 @@ def _texts(body: ChatCompletionRequest) -> Iterator[tuple[str, str]]:
 def _check_text(body: ChatCompletionRequest, policy: Policy) -> None:
     """Bound the work before anything is tokenised: images and characters (the schema
     bounds the number of messages and parts)."""
-    parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content]
-    images = sum(p.type == "image_url" for p in parts)
+    images = _count_images(body)
     if images > policy.max_images:
         raise APIError(
             400,
@@ -159,6 +160,32 @@ def _check_text(body: ChatCompletionRequest, policy: Policy) -> None:
         )
     for text, param in [*texts, *((s, "stop") for s in body.stop_list()), (body.model, "model")]:
         _check_unicode(text, param)
+
+
+def _count_images(body: ChatCompletionRequest) -> int:
+    """Images in all messages: each user turn may carry several, and earlier turns keep theirs."""
+    parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content]
+    return sum(p.type == "image_url" for p in parts)
+
+
+def _check_image_room(body: ChatCompletionRequest, policy: Policy) -> None:
+    """Every image takes the same number of context tokens whatever its size, so images
+    that cannot fit with the asked budget are refused before any is fetched or decoded.
+    The exact check (text included) is the engine's, also before decoding."""
+    images = _count_images(body)
+    taken = images * policy.image_tokens
+    asked = body.requested_max_tokens()[0] or 0
+    if not images or taken + asked <= policy.context_length:
+        return
+    budget = f" plus {asked} new tokens" if asked else ""
+    raise APIError(
+        400,
+        f"The request's {images} images take {taken} tokens ({policy.image_tokens} each){budget}, over the "
+        f"{policy.context_length}-token context; send fewer images (earlier turns count too), "
+        "start a new conversation or ask for fewer new tokens.",
+        param="messages",
+        code="context_length_exceeded",
+    )
 
 
 def _check_unicode(text: str, param: str) -> None:
