@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import builders
+from fastvlm.generation.engine import Engine
 from test_server import MODEL, load_tiny, serve
 
 try:
@@ -79,8 +80,9 @@ def browser():
             browser.close()
 
 
-def ask(page, question: str) -> None:
-    page.fill("#prompt", question)
+def ask(page, question: str | None) -> None:
+    if question is not None:
+        page.fill("#prompt", question)
     page.click("#send")
     page.wait_for_function(
         "document.body.dataset.state === 'idle' && !document.querySelector('.streaming')", timeout=WAIT_MS
@@ -101,7 +103,7 @@ def test_chat_page_streams_an_answer_about_an_image(browser, tiny):
         page.fill("#max-tokens", "40")
         page.click("#settings summary")
         page.set_input_files("#image-input", str(image))
-        sync_api.expect(page.locator("#preview")).to_be_visible(timeout=WAIT_MS)
+        sync_api.expect(page.locator("#previews img")).to_have_count(1, timeout=WAIT_MS)
         page.evaluate(COUNT_UPDATES)
         ask(page, "Describe this picture.")
 
@@ -119,6 +121,58 @@ def test_chat_page_streams_an_answer_about_an_image(browser, tiny):
         assert page.locator(".msg").count() == 4
         page.click("#reset")
         assert page.locator(".msg").count() == 0
+        assert not errors, errors
+        page.close()
+
+
+def _sent_images(page, action) -> list[list[str]]:
+    """The image URLs of each message of the chat request that ``action`` makes the page send."""
+    with page.expect_request("**/v1/chat/completions") as info:
+        action()
+    messages = info.value.post_data_json["messages"]
+    return [
+        [p["image_url"]["url"] for p in m["content"] if p["type"] == "image_url"]
+        for m in messages
+        if isinstance(m["content"], list)
+    ]
+
+
+def test_chat_page_sends_several_images_across_turns(browser, tiny):
+    model, processor = tiny
+    folder = builders.shared_assets() / "images"
+    files = [str(folder / name) for name in ("000000039769.png", "waterview.jpg", "ocr_example3.jpg")]
+    # 4 context tokens per tiny image: 64 hold three images and two short turns, not eight more.
+    engine = Engine(model, processor, max_batch=2, max_seq_len=64)
+    with serve(model, processor, engine=engine) as live:
+        page = browser.new_page(viewport={"width": 900, "height": 760})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(live.url, wait_until="networkidle")
+        sync_api.expect(page.locator("#model-name")).to_have_text(MODEL, timeout=WAIT_MS)
+        page.click("#settings summary")
+        page.fill("#max-tokens", "4")
+
+        page.set_input_files("#image-input", files[:2])  # two at once, in this order
+        sync_api.expect(page.locator("#previews img")).to_have_count(2, timeout=WAIT_MS)
+        page.fill("#prompt", "Compare them.")
+        first = _sent_images(page, lambda: ask(page, None))
+        assert len(first) == 1 and [u[:15] for u in first[0]] == ["data:image/png;", "data:image/jpeg"]
+        assert page.locator(".msg.user").first.locator("img").count() == 2
+
+        page.set_input_files("#image-input", files[2])  # one more in a later turn
+        sync_api.expect(page.locator("#previews img")).to_have_count(1, timeout=WAIT_MS)
+        page.fill("#prompt", "And this one?")
+        second = _sent_images(page, lambda: ask(page, None))
+        assert second[0] == first[0] and len(second) == 2 and len(second[1]) == 1  # the history keeps them
+        assert page.locator("#error").is_hidden() and page.locator(".msg").count() == 4
+
+        page.set_input_files("#image-input", [files[0]] * 4)  # more than the context holds
+        sync_api.expect(page.locator("#previews img")).to_have_count(4, timeout=WAIT_MS)
+        ask(page, "What about all of these?")
+        sync_api.expect(page.locator("#error")).to_contain_text("400", timeout=WAIT_MS)
+        error = page.locator("#error").inner_text()
+        assert "7 images take 28 of them" in error and "context" in error, error
+        assert page.locator(".msg.assistant").count() == 2  # the refused turn left no answer
         assert not errors, errors
         page.close()
 

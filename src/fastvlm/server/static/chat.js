@@ -1,13 +1,15 @@
 // The chat page: OpenAI chat completions with stream: true, read with fetch + ReadableStream.
 // No framework and no build step. The whole conversation lives in `history` (OpenAI
 // messages) and is sent again each turn; the server's feature cache makes resent images cheap.
+// A message may carry several images (they go before its text, in the order they were
+// added), and every turn may add more: all of them count against the model's context.
 "use strict";
 
 const MAX_IMAGE_BYTES = 20 * 1024 * 1024;
 const KEY_STORAGE = "fastvlm.apiKey";
 const $ = (id) => document.getElementById(id);
 
-const state = { history: [], image: null, model: null, controller: null };
+const state = { history: [], images: [], model: null, controller: null };
 
 // ---- small helpers ------------------------------------------------------------------
 
@@ -37,14 +39,19 @@ async function errorMessage(response) {
   return `${response.status} ${response.statusText}`;
 }
 
-function addMessage(role, text, imageUrl) {
+function addMessage(role, text, imageUrls = []) {
   const el = document.createElement("div");
   el.className = `msg ${role}`;
-  if (imageUrl) {
-    const img = document.createElement("img");
-    img.src = imageUrl;
-    img.alt = "attached image";
-    el.appendChild(img);
+  if (imageUrls.length) {
+    const strip = document.createElement("div");
+    strip.className = "images";
+    for (const url of imageUrls) {
+      const img = document.createElement("img");
+      img.src = url;
+      img.alt = "attached image";
+      strip.appendChild(img);
+    }
+    el.appendChild(strip);
   }
   const body = document.createElement("span");
   body.className = "text";
@@ -70,32 +77,54 @@ async function loadModel() {
   $("model-name").textContent = state.model;
 }
 
-// ---- the attached image ---------------------------------------------------------------
+// ---- the attached images --------------------------------------------------------------
 
-function setImage(file) {
-  if (!file) return;
-  if (!file.type.startsWith("image/")) return showError(`${file.name} is not an image.`);
-  if (file.size > MAX_IMAGE_BYTES) return showError(`${file.name} is larger than 20 MB.`);
-  const reader = new FileReader();
-  reader.onload = () => {
-    state.image = reader.result; // a data:image/...;base64, URI
-    $("preview").src = state.image;
-    $("preview").hidden = false;
-    $("clear-image").hidden = false;
-    $("drop-hint").hidden = true;
-    showError("");
-  };
-  reader.onerror = () => showError(`Cannot read ${file.name}.`);
-  reader.readAsDataURL(file);
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result); // a data:image/...;base64, URI
+    reader.onerror = () => reject(new Error(`Cannot read ${file.name}.`));
+    reader.readAsDataURL(file);
+  });
 }
 
-function clearImage() {
-  state.image = null;
-  $("image-input").value = "";
-  $("preview").hidden = true;
-  $("preview").removeAttribute("src");
-  $("clear-image").hidden = true;
-  $("drop-hint").hidden = false;
+// Read one file after another, so the images keep the order in which they were chosen.
+async function addImages(files) {
+  showError("");
+  for (const file of files) {
+    if (!file) continue;
+    if (!file.type.startsWith("image/")) { showError(`${file.name} is not an image.`); continue; }
+    if (file.size > MAX_IMAGE_BYTES) { showError(`${file.name} is larger than 20 MB.`); continue; }
+    try {
+      state.images.push(await readAsDataURL(file));
+    } catch (err) {
+      showError(err.message);
+    }
+  }
+  showPreviews();
+}
+
+function showPreviews() {
+  const thumbs = state.images.map((url, i) => {
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = `image ${i + 1}`;
+    img.title = "Click to remove";
+    img.addEventListener("click", () => { state.images.splice(i, 1); showPreviews(); });
+    return img;
+  });
+  $("previews").replaceChildren(...thumbs);
+  const any = thumbs.length > 0;
+  $("previews").hidden = !any;
+  $("clear-image").hidden = !any;
+  $("clear-image").textContent = thumbs.length > 1 ? `Remove ${thumbs.length} images` : "Remove image";
+  $("drop-hint").hidden = any;
+  $("image-input").value = ""; // choosing the same file again still fires "change"
+}
+
+function clearImages() {
+  state.images = [];
+  showPreviews();
 }
 
 // ---- server-sent events ---------------------------------------------------------------
@@ -138,20 +167,21 @@ function showStats(t0, tFirst, tLast, tokens) {
 async function send(event) {
   event.preventDefault();
   const text = $("prompt").value.trim();
-  if (!text && !state.image) return;
+  if (!text && !state.images.length) return;
   showError("");
   try {
     if (!state.model) await loadModel();
   } catch (err) {
     return showError(err.message);
   }
-  const content = state.image
-    ? [{ type: "image_url", image_url: { url: state.image } }, { type: "text", text }]
+  const images = state.images;
+  const content = images.length
+    ? [...images.map((url) => ({ type: "image_url", image_url: { url } })), { type: "text", text }]
     : text;
   const userMessage = { role: "user", content };
-  addMessage("user", text, state.image);
+  addMessage("user", text, images);
   $("prompt").value = "";
-  clearImage();
+  clearImages();
 
   const bubble = addMessage("assistant", "");
   bubble.parentElement.classList.add("streaming");
@@ -209,7 +239,7 @@ function reset() {
   $("log").replaceChildren();
   $("stats").textContent = "";
   showError("");
-  clearImage();
+  clearImages();
   $("prompt").focus();
 }
 
@@ -226,16 +256,16 @@ function wire() {
   $("composer").addEventListener("submit", send);
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("reset").addEventListener("click", reset);
-  $("clear-image").addEventListener("click", clearImage);
-  $("image-input").addEventListener("change", (e) => setImage(e.target.files[0]));
+  $("clear-image").addEventListener("click", clearImages);
+  $("image-input").addEventListener("change", (e) => addImages([...e.target.files]));
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key !== "Enter" || e.shiftKey) return;
     e.preventDefault();
     $("composer").requestSubmit();
   });
   document.addEventListener("paste", (e) => {
-    const item = [...(e.clipboardData?.items || [])].find((i) => i.type.startsWith("image/"));
-    if (item) setImage(item.getAsFile());
+    const items = [...(e.clipboardData?.items || [])].filter((i) => i.type.startsWith("image/"));
+    if (items.length) addImages(items.map((i) => i.getAsFile()));
   });
   const zone = $("drop-zone");
   for (const name of ["dragenter", "dragover"]) {
@@ -244,7 +274,7 @@ function wire() {
   for (const name of ["dragleave", "drop"]) {
     document.addEventListener(name, (e) => { e.preventDefault(); zone.classList.remove("dragging"); });
   }
-  document.addEventListener("drop", (e) => setImage(e.dataTransfer?.files?.[0]));
+  document.addEventListener("drop", (e) => addImages([...(e.dataTransfer?.files || [])]));
   setBusy(false);
   loadModel().catch((err) => showError(err.message));
 }
