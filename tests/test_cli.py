@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -59,6 +60,28 @@ def test_chat_reads_turns_and_commands_from_stdin(tiny):
     proc = fastvlm("chat", "--model", tiny, "--max-new-tokens", "3", *CPU, stdin=turns)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 3  # one answer per question; commands print nothing
+
+
+def test_chat_takes_several_images_in_several_turns(tiny, monkeypatch, capsys):
+    cat, receipt = (
+        str(builders.shared_assets() / "images" / n) for n in ("000000039769.png", "ocr_example3.jpg")
+    )
+    turns = f"Compare.\n/image {receipt}\n/image {cat}\nAnd these?\nNo image.\n/image /no/such.png\n"
+    turns += f"/image {cat}\n/image none\nDropped.\n/reset\nAgain.\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(turns))
+    asked = []
+    real_answer = cli._answer
+    monkeypatch.setattr(
+        cli, "_answer", lambda vlm, request: asked.append(request) or real_answer(vlm, request)
+    )
+    args = ["chat", IMAGE, "--image", cat, "--model", tiny, "--max-new-tokens", "2", *CPU]
+    assert cli.main(args) == 0
+    images = [[p["image"] for p in r.messages[-1]["content"] if p["type"] == "image"] for r in asked]
+    assert images == [[IMAGE, cat], [receipt, cat], [], [], [IMAGE, cat]]
+    parts = [p for m in asked[2].messages if isinstance(m["content"], list) for p in m["content"]]
+    assert sum(p["type"] == "image" for p in parts) == 4  # earlier turns keep their images
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "such.png" in err
 
 
 def test_info_reads_headers_only(tiny, capsys):

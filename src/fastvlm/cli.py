@@ -74,6 +74,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /reset, /exit)")
     chat.add_argument("image", nargs="?", default=None, help="image to talk about (optional)")
+    chat.add_argument(
+        "--image", dest="images", action="append", default=[], metavar="PATH",
+        help="another image for the first turn (repeatable; after the positional one, in order)",
+    )  # fmt: skip
     _add_model_options(chat)
     chat.add_argument("--system", default=None, help="system prompt")
 
@@ -219,18 +223,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .api import build_request
     from .errors import FastVLMError
 
-    if args.image == "-":
-        raise UsageError("chat reads its turns from stdin, so the image cannot come from '-'; pass a path")
-    image = _image_source(args.image)
+    if "-" in (args.image, *args.images):
+        raise UsageError("chat reads its turns from stdin, so an image cannot come from '-'; pass a path")
+    first = [_image_source(a) for a in (args.image, *args.images)]
+    first = [image for image in first if image is not None]
     build_request([{"role": "user", "content": "check"}], **_options(args))  # bad options fail early
     vlm = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
         _enable_line_editing()
-        print("fastvlm chat: /image PATH (or none), /reset, /exit; Ctrl-C stops an answer", file=sys.stderr)
+        print(_CHAT_HELP, file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    pending_image = image  # attached to the next user turn
+    pending = list(first)  # images for the next user turn, in order
     while True:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
@@ -239,13 +244,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line or text in ("/exit", "/quit"):  # EOF or asked to
             return 0
         if text == "/reset":
-            history, pending_image = [], image
+            history, pending = [], list(first)
         elif text.startswith("/image"):
-            path = text[len("/image") :].strip()
             try:
-                if path == "-":
-                    raise UsageError("/image needs a path, not '-'")
-                image = pending_image = _image_source(path)
+                pending = _add_image(pending, text[len("/image") :].strip())
             except (FastVLMError, UsageError) as exc:
                 print(f"error: {exc}", file=sys.stderr)
         elif text.startswith("/"):
@@ -253,12 +255,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 f"error: unknown command {text.split()[0]}; use /image PATH, /reset or /exit", file=sys.stderr
             )
         elif text:
-            parts = [{"type": "image", "image": pending_image}] if pending_image is not None else []
+            parts = [{"type": "image", "image": image} for image in pending]
             turn = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
             answer = _answer(vlm, build_request([*system, *history, turn], **_options(args)))
             if answer is not None:
                 history += [turn, {"role": "assistant", "content": answer}]
-                pending_image = None
+                pending = []
+
+
+_CHAT_HELP = (
+    "fastvlm chat: /image PATH adds an image to your next message (repeat for several; /image none "
+    "drops them), /reset, /exit; Ctrl-C stops an answer"
+)
+
+
+def _add_image(pending: list, path: str) -> list:
+    """``/image PATH``: one more image for the next turn; ``/image none`` drops those waiting.
+
+    Earlier turns keep their images: every image of the conversation counts against the
+    context, and /reset starts over when they no longer fit."""
+    if path == "-":
+        raise UsageError("/image needs a path, not '-'")
+    if not path:
+        raise UsageError("/image needs a path (or 'none' to drop the images waiting for your next message)")
+    image = _image_source(path)
+    return [] if image is None else [*pending, image]
 
 
 def _answer(vlm, request) -> str | None:
