@@ -24,6 +24,7 @@ import time
 import torch
 
 from ..errors import CheckpointError, FastVLMError, InputError
+from .constraints import GrammarCompiler, allowed_masks
 from .drivers import Drivers
 from .feature_cache import DEFAULT_MAX_BYTES, FeatureCache, gather_features
 from .prepare import DEFAULT_MAX_IMAGES, PreparedRequest, PrepareLimits, prepare_request
@@ -111,6 +112,7 @@ class Engine(Drivers):
             model.config.eos_token_id, tokenizer.convert_tokens_to_ids
         )
         self.scheduler = Scheduler(max_batch, prefill_per_step, self.runner.move_row)
+        self.grammars = GrammarCompiler(tokenizer, model.config.text.vocab_size, self.default_stop_token_ids)
         self.stats = {
             "encoder_calls": 0,  # vision-encoder forward passes (each up to _ENCODER_BATCH images)
             "images_encoded": 0,
@@ -138,10 +140,14 @@ class Engine(Drivers):
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenize the prompt and load its images; touches no engine state (any thread).
 
-        Raises InputError (bad messages or images) or ContextLengthError before any
-        model compute, so a caller can reject the request at once.
+        Raises InputError (bad messages or images, or a constraint that cannot be
+        enforced) or ContextLengthError before any model compute, so a caller can reject
+        the request at once.
         """
-        return prepare_request(request, self.processor, self.limits)
+        grammar = self.grammars.compile(request.constraint) if request.constraint is not None else None
+        prepared = prepare_request(request, self.processor, self.limits)
+        prepared.grammar = grammar
+        return prepared
 
     def add_prepared(self, prepared: PreparedRequest) -> str:
         """Queue a prepared request (engine thread only). Returns the request id."""
@@ -230,7 +236,10 @@ class Engine(Drivers):
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
         """One token per row of (B, V) ``logits``; a row that fails here fails alone."""
         params = [s.request.sampling for s in seqs]
-        tokens, failed = sample_rows(logits, params, [s.generator for s in seqs], [s.seen() for s in seqs])
+        allowed = _grammar_masks(seqs)
+        tokens, failed = sample_rows(
+            logits, params, [s.generator for s in seqs], [s.seen() for s in seqs], allowed=allowed
+        )
         now = time.perf_counter()
         for b, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if b in failed:
@@ -270,6 +279,13 @@ class Engine(Drivers):
         if not seq.finished:
             seq.fail(error, time.perf_counter())
             out.emit(seq, "")
+
+
+def _grammar_masks(seqs: list[Sequence]) -> list[torch.Tensor | None] | None:
+    """The allowed-token mask of each constrained row; None (and no work) when none is."""
+    if all(s.matcher is None for s in seqs):
+        return None
+    return allowed_masks([s.matcher for s in seqs])
 
 
 def _compute_error(stage: str, exc: Exception) -> Exception:

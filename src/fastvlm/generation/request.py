@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import InputError
+from .constraint_spec import OutputConstraint
 from .sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -29,6 +30,8 @@ class GenerationRequest:
     end-of-sequence ids plus ``<|im_end|>`` and ``<|endoftext|>``. With
     ``fit_to_context``, ``max_new_tokens`` is a ceiling the caller did not insist on
     (a server's default): the engine lowers it to the room left after the prompt.
+    ``constraint`` restricts the answer to a JSON schema, a regex or a choice; stop
+    strings and ids still apply on top of it.
     """
 
     messages: list[dict]
@@ -38,6 +41,7 @@ class GenerationRequest:
     stop_token_ids: list[int] | None = None
     request_id: str = field(default_factory=_new_request_id)
     fit_to_context: bool = False
+    constraint: OutputConstraint | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -59,6 +63,8 @@ class GenerationRequest:
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise InputError("stop_token_ids must be a list of integers")
             self.stop_token_ids = ids
+        if self.constraint is not None and not isinstance(self.constraint, OutputConstraint):
+            raise InputError("constraint must be an OutputConstraint or None")
         if not isinstance(self.request_id, str) or not self.request_id:
             raise InputError("request_id must be a non-empty string")
 

@@ -109,16 +109,34 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def apply_allowed(scores: torch.Tensor, allowed: list[torch.Tensor | None]) -> torch.Tensor:
+    """(B, V) float32 ``scores`` with -inf outside each constrained row's allowed set.
+
+    ``allowed[b]`` is a (V,) bool mask (True = allowed) or None for a free row. Done
+    before the penalties, which is the same as after: they map -inf to -inf and leave
+    the allowed entries as they would be anyway.
+    """
+    rows = [b for b, mask in enumerate(allowed) if mask is not None]
+    blocked = ~torch.stack([allowed[b] for b in rows]).to(scores.device, non_blocking=True)  # (n, V)
+    scores = scores.clone()
+    scores[rows] = scores[rows].masked_fill(blocked, float("-inf"))
+    return scores
+
+
 def sample_rows(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     seen: list[torch.Tensor | None],
+    *,
+    allowed: list[torch.Tensor | None] | None = None,
 ) -> tuple[list[int], dict[int, Exception]]:
     """One token per row of (B, V) logits, each row with its own settings.
 
     Returns the tokens and the rows that failed (row -> error; their token is -1): a
     row whose scores are not finite, or whose sampling raised, fails alone.
+    ``allowed`` holds a (V,) bool mask per constrained row (None for the others, or
+    None for all): tokens outside it get -inf (see ``apply_allowed``).
 
     Rows that are greedy without a repetition penalty share one batched argmax, so an
     all-greedy batch costs one device sync. Every other row goes through
@@ -127,15 +145,18 @@ def sample_rows(
     # float32 first: the exact same answer, and CPU's bfloat16 argmax over a 150k-entry
     # vocabulary is ~5x slower than the cast plus a float32 argmax.
     scores = logits.float()
-    both = torch.stack([scores.argmax(-1), torch.isfinite(scores).all(-1).long()])  # (2, B): one sync
+    # The finiteness check reads the model's scores, before the mask adds its -inf.
+    masked = scores if allowed is None else apply_allowed(scores, allowed)
+    both = torch.stack([masked.argmax(-1), torch.isfinite(scores).all(-1).long()])  # (2, B): one sync
     picked, finite = both.tolist()
     failed: dict[int, Exception] = {}
     for b, p in enumerate(params):
+        row = logits[b] if allowed is None or allowed[b] is None else masked[b]
         try:
             if not finite[b]:
                 raise NonFiniteLogitsError("the model's scores for this request hold NaN or inf")
             if not p.greedy or (p.repetition_penalty != 1.0 and seen[b] is not None):
-                picked[b] = sample_next(logits[b], p, generators[b], seen[b])
+                picked[b] = sample_next(row, p, generators[b], seen[b])
         except Exception as exc:  # this row's failure must not end its neighbours
             picked[b], failed[b] = -1, exc
     return picked, failed

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .constraints import Matcher
 from .detokenize import TextStream
 from .prepare import PreparedRequest
 from .request import FinishReason, GenerationRequest, GenerationResult, Timings, Usage
@@ -29,6 +30,7 @@ class Sequence:
     generator: torch.Generator | None = None
     # Prompt + generated ids on the model device, only when a repetition penalty needs them.
     history: torch.Tensor | None = None
+    matcher: Matcher | None = None  # where a constrained answer stands in its grammar
     added_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -55,6 +57,9 @@ class Sequence:
             )  # (T + budget,)
             history[:T] = prepared.prompt_ids.to(device)
         stops = request.stop_token_ids if request.stop_token_ids is not None else default_stop_ids
+        matcher = prepared.grammar.matcher() if prepared.grammar is not None else None
+        if matcher is not None:  # the grammar's end ids end the answer, whatever stop ids it asked for
+            stops = [*stops, *matcher.space.eos_ids]
         return cls(
             request=request,
             prompt_ids=prepared.prompt_ids,
@@ -65,6 +70,7 @@ class Sequence:
             max_new_tokens=prepared.max_new_tokens,
             generator=generator,
             history=history,
+            matcher=matcher,
             added_at=prepared.added_at,
         )
 
@@ -101,11 +107,21 @@ class Sequence:
             return self.finish("stop", now)
         self.output_ids.append(token)
         piece = self.text.push(token)
-        if self.text.stopped:
+        if self.text.stopped or self._grammar_done(token):
             return piece + self.finish("stop", now)
         if self.num_generated >= self.max_new_tokens:
             return piece + self.finish("length", now)
         return piece
+
+    def _grammar_done(self, token: int) -> bool:
+        """Advance the grammar, if any; True once it allows nothing but an end id.
+
+        Ending here, not on the end id the grammar would force next, saves a decode step.
+        """
+        if self.matcher is None:
+            return False
+        self.matcher.accept(token)
+        return self.matcher.terminated
 
     def finish(self, reason: FinishReason, now: float) -> str:
         """Mark done; return text that was held back and may now be shown."""
