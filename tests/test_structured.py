@@ -193,19 +193,21 @@ def test_stop_strings_and_penalty_still_apply(engine):
 @pytest.mark.parametrize(
     "constraint, named",
     [
-        (OutputConstraint.json_schema({"type": "array", "uniqueItems": True}), "'uniqueItems'"),
-        (OutputConstraint.json_schema({"type": "string", "nullable": True}), "'nullable'"),
-        (
-            OutputConstraint.json_schema({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}),
-            "'not' at #/properties/a",
-        ),
-        (OutputConstraint.json_schema({"type": "string", "format": "bogus"}), "Unknown format: bogus"),
-        (OutputConstraint.regex("a(?=b)"), "look-around"),
+        ({"type": "array", "uniqueItems": True}, "'uniqueItems'"),
+        ({"type": "string", "nullable": True}, "'nullable'"),
+        ({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}, "'not' at #/properties/a"),
+        ({"type": "string", "x-guidance": {"whitespace_flexible": True}}, "'x-guidance'"),
+        ({"type": "string", "format": "bogus"}, "Unknown format: bogus"),
+        ({"$ref": "#/$defs/missing"}, "missing"),
+        ("a(?=b)", "look-around"),
+        ("(a|b)\\1", "backreferences"),
     ],
 )
 def test_unenforceable_constraint_is_one_line_input_error(engine, constraint, named):
+    """Keywords are refused when the constraint is made, what only the compiler finds in prepare."""
     with pytest.raises(InputError) as info:
-        engine.prepare(request(constraint))
+        make = OutputConstraint.json_schema if isinstance(constraint, dict) else OutputConstraint.regex
+        engine.prepare(request(make(constraint)))
     assert named in str(info.value) and "\n" not in str(info.value)
     assert not engine.has_work
 
@@ -244,3 +246,40 @@ def test_free_rows_build_no_masks(engine, monkeypatch):
 
     monkeypatch.setattr(engine_module, "allowed_masks", boom)
     assert engine.generate([request(max_new_tokens=5)])[0].finish_reason == "length"
+
+
+# -- the Python API ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_checkpoint_dir):
+    import fastvlm
+
+    return fastvlm.load(tiny_checkpoint_dir, device="cpu", dtype="float32", progress=False)
+
+
+def test_api_ask_chat_batch_give_parsed(vlm):
+    answer = vlm.ask(None, "Colour?", json_schema=ENUM_BOOL, max_new_tokens=40, temperature=1.0, seed=0)
+    assert isinstance(answer, str) and answer.finish_reason == "stop"
+    assert answer.parsed == json.loads(answer) and answer.parsed["color"] in ("red", "green", "blue")
+    messages = [{"role": "user", "content": "Pick."}]
+    result = vlm.chat(messages, choices=["left", "right"], temperature=1.0, seed=3)
+    assert result.parsed == result.text and result.text in ("left", "right")
+    assert vlm.chat(messages, max_new_tokens=3).parsed is None  # unconstrained
+    assert vlm.chat(messages, json_schema=NESTED, max_new_tokens=3).parsed is None  # cut by its budget
+    events = list(vlm.chat(messages, regex="[0-9]{4}", stream=True))
+    assert events[-1].result.parsed == "".join(e.text for e in events) and len(events[-1].result.text) == 4
+    items = [messages, {"messages": messages, "regex": "(yes|no)"}, {"messages": messages, "choices": ["x"]}]
+    results = vlm.batch(items, max_new_tokens=8)
+    assert results[0].parsed is None and results[1].parsed in ("yes", "no") and results[2].parsed == "x"
+
+
+def test_api_refuses_bad_constraints_before_any_work(vlm):
+    messages = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(InputError, match="pick one of json_schema, regex and choices"):
+        vlm.chat(messages, regex="a", choices=["b"])
+    with pytest.raises(InputError, match="'patternProperties'|'propertyNames'"):
+        vlm.ask(None, "Hi", json_schema={"type": "object", "propertyNames": {"maxLength": 2}})
+    with pytest.raises(InputError, match="lookarounds not supported"):
+        vlm.ask(None, "Hi", regex=r"\bword")
+    assert not vlm.engine.has_work

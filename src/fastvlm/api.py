@@ -2,7 +2,8 @@
 
     vlm = fastvlm.load()                      # apple/FastVLM-0.5B, best device and dtype
     vlm.ask("photo.jpg", "What is shown?")    # -> str
-    vlm.chat(messages, temperature=0.7)       # -> GenerationResult (text, finish_reason, usage, timings)
+    vlm.chat(messages, temperature=0.7)       # -> ChatResult (text, finish_reason, usage, timings, parsed)
+    vlm.ask("r.jpg", "Total?", json_schema={...}).parsed  # constrained: json_schema=, regex=, choices=
     fastvlm.api.describe_checkpoint(path)     # -> dict, from config.json and weight headers only
 
 This layer only turns keyword options into engine requests and back; batching,
@@ -23,17 +24,20 @@ from .checkpoints.loader import apply_generation_config, weight_files
 from .checkpoints.safetensors_io import SafetensorsReader
 from .config import FastVLMConfig
 from .errors import InputError
-from .generation.engine import Engine, GenerationRequest, GenerationResult, StreamEvent
+from .generation.constraint_spec import OutputConstraint
+from .generation.engine import Engine, GenerationRequest, StreamEvent
 from .generation.feature_cache import DEFAULT_MAX_BYTES as DEFAULT_FEATURE_CACHE_BYTES
 from .generation.prepare import DEFAULT_MAX_IMAGES
 from .generation.sampling import SamplingParams
 from .modeling import FastVLM
 from .models.optimize import SpeedOptions, optimize
 from .processing import FastVLMProcessor
+from .results import Answer, ChatResult, events_with_parsed, with_parsed
 
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 _REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids")
-GENERATION_OPTIONS = _SAMPLING_OPTIONS + _REQUEST_OPTIONS
+_CONSTRAINT_OPTIONS = ("json_schema", "regex", "choices")  # at most one; see OutputConstraint
+GENERATION_OPTIONS = _SAMPLING_OPTIONS + _REQUEST_OPTIONS + _CONSTRAINT_OPTIONS
 
 
 def build_request(messages: list[dict], **options: Any) -> GenerationRequest:
@@ -52,7 +56,10 @@ def build_request(messages: list[dict], **options: Any) -> GenerationRequest:
     if "seed" in sampling:
         sampling["seed"] = int(sampling["seed"])
     request = {k: options[k] for k in _REQUEST_OPTIONS if options.get(k) is not None}
-    return GenerationRequest(messages=messages, sampling=SamplingParams(**sampling), **request)
+    constraint = OutputConstraint.from_options(**{k: options.get(k) for k in _CONSTRAINT_OPTIONS})
+    return GenerationRequest(
+        messages=messages, sampling=SamplingParams(**sampling), constraint=constraint, **request
+    )
 
 
 def image_message(image: Any, prompt: str) -> list[dict]:
@@ -75,9 +82,9 @@ class VLM:
     def __init__(self, model: FastVLM, processor: FastVLMProcessor, engine: Engine) -> None:
         self.model, self.processor, self.engine = model, processor, engine
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
+    def generate(self, request: GenerationRequest) -> ChatResult:
         """Run one request to the end."""
-        return self.engine.generate([request])[0]
+        return with_parsed(self.engine.generate([request])[0], request.constraint)
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """The answer's text pieces as they are decoded; ``close()`` the iterator to stop early
@@ -87,23 +94,28 @@ class VLM:
     def ask(self, image: Any = None, prompt: str | None = None, *, stream: bool = False, **options: Any):
         """Answer ``prompt`` about ``image`` (path, URL, PIL image, bytes, base64, a list, or None).
 
-        Returns the answer, or with ``stream=True`` an iterator of text pieces.
+        Returns the answer (a ``str`` whose ``parsed`` holds the value under a
+        ``json_schema``/``regex``/``choices`` constraint, see ``fastvlm.results``), or with
+        ``stream=True`` an iterator of text pieces.
         """
         if prompt is None:
             raise InputError("ask(image, prompt) needs a prompt; for text only call ask(None, prompt)")
         request = build_request(image_message(image, prompt), **options)
-        return self.stream(request) if stream else self.generate(request).text
+        return self.stream(request) if stream else Answer(self.generate(request))
 
     def chat(
         self, messages: list[dict], *, stream: bool = False, **options: Any
-    ) -> GenerationResult | Iterator[StreamEvent]:
-        """Continue a conversation. With ``stream=True``: events, the last holding the result."""
+    ) -> ChatResult | Iterator[StreamEvent]:
+        """Continue a conversation. With ``stream=True``: events, the last holding the result.
+
+        The result has ``parsed``: the answer as a value under a constraint, else None.
+        """
         request = build_request(messages, **options)
         if stream:
-            return self.engine.stream_events(request)
+            return events_with_parsed(self.engine.stream_events(request), request.constraint)
         return self.generate(request)
 
-    def batch(self, conversations: list[Any], **options: Any) -> list[GenerationResult]:
+    def batch(self, conversations: list[Any], **options: Any) -> list[ChatResult]:
         """Run several conversations together. Each item is a list of messages, or a dict
         ``{"messages": [...], **options}`` whose options override the shared ``options``."""
         requests = []
@@ -115,7 +127,8 @@ class VLM:
                 requests.append(build_request(item["messages"], **{**options, **extra}))
             else:
                 requests.append(build_request(item, **options))
-        return self.engine.generate(requests)
+        results = self.engine.generate(requests)
+        return [with_parsed(r, q.constraint) for r, q in zip(results, requests, strict=True)]
 
     def __repr__(self) -> str:
         return (

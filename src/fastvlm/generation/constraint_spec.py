@@ -2,7 +2,9 @@
 
 Plain data only, like the rest of a request: no grammar library is imported here, so a
 server can build and compare constraints without knowing how they are enforced
-(``constraints`` compiles them). A constraint is immutable and hashable; its schema is
+(``constraints`` compiles them). A schema keyword that cannot be enforced is refused
+here already; what only the compiler finds (a bad regex or format) fails in
+``Engine.prepare``. A constraint is immutable and hashable; its schema is
 kept as a private copy, so changing the caller's dict afterwards changes nothing.
 """
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import InputError
+from .schema_keywords import check_schema
 
 ConstraintKind = Literal["json_object", "json_schema", "regex", "choice"]
 _KINDS = ("json_object", "json_schema", "regex", "choice")
@@ -30,6 +33,7 @@ class OutputConstraint:
             raise InputError(f"constraint kind must be one of {', '.join(_KINDS)}, not {self.kind!r}")
         if self.kind == "json_schema":
             object.__setattr__(self, "schema", _schema_copy(self.schema))
+            check_schema(self.schema)  # here, so a keyword that cannot be enforced fails at once
         if self.kind == "regex" and (not isinstance(self.pattern, str) or not self.pattern):
             raise InputError("regex must be a non-empty string")
         if self.kind == "choice":

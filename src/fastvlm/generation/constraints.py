@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -173,7 +174,7 @@ def _grammar_text(llg, constraint: OutputConstraint) -> str:
     if constraint.kind == "json_object":
         return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=_JSON_OPTIONS)
     if constraint.kind == "json_schema":
-        check_schema(constraint.schema)
+        check_schema(constraint.schema)  # done when it was made; again, as this is what enforces it
         return llg.LLMatcher.grammar_from_json_schema(constraint.schema, overrides=_JSON_OPTIONS)
     if constraint.kind == "regex":
         return llg.LLMatcher.grammar_from_regex(constraint.pattern)
@@ -205,6 +206,7 @@ def _what(constraint: OutputConstraint) -> str:
 def _first_line(messages: list[str]) -> str:
     """llguidance's message without its multi-line source excerpt."""
     lines = " ".join(messages).strip().splitlines() or ["unknown error"]
+    lines[0] = re.sub(r"^at \d+\(\d+\): ", "", lines[0])  # a position in the generated grammar
     detail = next(
         (line.removeprefix("error:").strip() for line in lines[1:] if line.startswith("error:")), ""
     )
