@@ -98,8 +98,8 @@ def allowed_masks(matchers: Sequence[Matcher | None]) -> list[torch.Tensor | Non
         target = bits[i]
         matchers[b].ll.unsafe_compute_mask_ptr(target.ctypes.data, target.nbytes)
     # Little-endian words: the bytes' bits, least significant first, are the tokens in order.
-    allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]  # (n, V)
-    masks = torch.from_numpy(allowed.astype(bool))
+    allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]  # (n, V) 0/1
+    masks = torch.from_numpy(allowed.view(np.bool_))
     out: list[torch.Tensor | None] = [None] * len(matchers)
     for i, b in enumerate(rows):
         out[b] = masks[i]
