@@ -32,8 +32,9 @@ from .models.optimize import SpeedOptions, optimize
 from .processing import FastVLMProcessor
 
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+_SAMPLING_OPTIONS += ("presence_penalty", "frequency_penalty")
 _REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids")
-GENERATION_OPTIONS = _SAMPLING_OPTIONS + _REQUEST_OPTIONS
+GENERATION_OPTIONS = (*_SAMPLING_OPTIONS, "logit_bias", *_REQUEST_OPTIONS)
 
 
 def build_request(messages: list[dict], **options: Any) -> GenerationRequest:
@@ -51,6 +52,8 @@ def build_request(messages: list[dict], **options: Any) -> GenerationRequest:
         sampling["top_k"] = int(sampling["top_k"])
     if "seed" in sampling:
         sampling["seed"] = int(sampling["seed"])
+    if options.get("logit_bias") is not None:
+        sampling["logit_bias"] = options["logit_bias"]  # SamplingParams checks the mapping
     request = {k: options[k] for k in _REQUEST_OPTIONS if options.get(k) is not None}
     return GenerationRequest(messages=messages, sampling=SamplingParams(**sampling), **request)
 

@@ -31,6 +31,7 @@ from .request import GenerationRequest, GenerationResult, StreamEvent, Timings, 
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample_rows
 from .scheduler import Scheduler
+from .scores import check_logit_bias_ids
 from .sequence import Sequence
 from .step import StepOutput
 from .stopping import default_stop_token_ids
@@ -141,7 +142,12 @@ class Engine(Drivers):
         Raises InputError (bad messages or images) or ContextLengthError before any
         model compute, so a caller can reject the request at once.
         """
+        self._check_sampling(request)
         return prepare_request(request, self.processor, self.limits)
+
+    def _check_sampling(self, request: GenerationRequest) -> None:
+        """Settings valid on their own that this engine's model cannot honour."""
+        check_logit_bias_ids(request.sampling.logit_bias, self.runner.vocab_size)
 
     def add_prepared(self, prepared: PreparedRequest) -> str:
         """Queue a prepared request (engine thread only). Returns the request id."""
@@ -149,7 +155,11 @@ class Engine(Drivers):
         if self.scheduler.get(request.request_id) is not None:
             raise InputError(f"request id {request.request_id!r} is already in use; pick another")
         seq = Sequence.from_prepared(
-            prepared, self.processor.tokenizer.decode, self.default_stop_token_ids, self.runner.device
+            prepared,
+            self.processor.tokenizer.decode,
+            self.default_stop_token_ids,
+            self.runner.device,
+            vocab_size=self.runner.vocab_size,
         )
         self.scheduler.add(seq)
         return request.request_id
@@ -230,7 +240,8 @@ class Engine(Drivers):
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
         """One token per row of (B, V) ``logits``; a row that fails here fails alone."""
         params = [s.request.sampling for s in seqs]
-        tokens, failed = sample_rows(logits, params, [s.generator for s in seqs], [s.seen() for s in seqs])
+        generators, seen = [s.generator for s in seqs], [s.seen() for s in seqs]
+        tokens, failed = sample_rows(logits, params, generators, seen, counts=[s.counts for s in seqs])
         now = time.perf_counter()
         for b, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if b in failed:

@@ -1,16 +1,28 @@
 """Next-token selection as pure functions of logits, settings and a generator.
 
+Each row's scores go through a fixed order:
+
+    logits (as float32) -> logit_bias -> repetition_penalty -> presence/frequency penalties
+    -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> sample
+
 Nothing here knows about models, caches or text.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import InputError
+from .scores import (
+    apply_logit_bias,
+    apply_presence_frequency,
+    check_penalty,
+    normalize_logit_bias,
+)
 
 # Sane ranges. Outside them the scores overflow or underflow float32 within a few
 # steps (a penalty of 1e-38 divides a logit up to inf), and no useful setting lies there.
@@ -31,8 +43,12 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # 1 means off; within REPETITION_PENALTY_RANGE
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]; counts generated tokens only
+    frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]; counts generated tokens only
+    logit_bias: Mapping[int, float] | None = field(default=None, hash=False)  # id -> [-100, 100]
 
     def __post_init__(self) -> None:
+        _check_openai_extras(self)
         low, high = REPETITION_PENALTY_RANGE
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             value = getattr(self, name)
@@ -62,6 +78,18 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether a presence or frequency penalty needs the generated tokens' counts."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _check_openai_extras(p: SamplingParams) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        check_penalty(name, getattr(p, name))
+    # Frozen: a private copy, so a caller mutating its dict later changes nothing here.
+    object.__setattr__(p, "logit_bias", normalize_logit_bias(p.logit_bias))
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty on tokens in ``seen`` (1D ids), as transformers applies it."""
@@ -90,18 +118,33 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def row_scores(
+    logits: torch.Tensor,
+    p: SamplingParams,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A (V,) logits row as float32 after logit_bias and the penalties, in that order."""
+    # float32 first: the exact same argmax, and CPU's bfloat16 argmax over a 150k-entry
+    # vocabulary is ~5x slower than the cast plus a float32 argmax.
+    scores = apply_logit_bias(logits.float(), p.logit_bias)
+    if seen is not None:
+        scores = apply_repetition_penalty(scores, seen, p.repetition_penalty)
+    return apply_presence_frequency(scores, counts, p.presence_penalty, p.frequency_penalty)
+
+
 def sample_next(
     logits: torch.Tensor,
     p: SamplingParams,
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> int:
-    """Pick one token id from a (V,) logits row."""
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    """Pick one token id from a (V,) logits row (``counts``: generated-token counts, (V,))."""
+    scores = row_scores(logits, p, seen, counts)
     if p.greedy:
-        return int(logits.float().argmax())  # float32: see sample_rows
-    probs = filter_logits(logits, p).softmax(-1)
+        return int(scores.argmax())
+    probs = filter_logits(scores, p).softmax(-1)
     # Checked here, not left to multinomial: on CUDA a bad distribution is a device
     # assert that breaks every later step, not an exception.
     if not bool(torch.isfinite(probs).all()):
@@ -109,23 +152,32 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _own_pass(p: SamplingParams, seen: torch.Tensor | None, counts: torch.Tensor | None) -> bool:
+    """Whether a row needs more than the shared batched argmax."""
+    penalized = p.repetition_penalty != 1.0 and seen is not None
+    return not p.greedy or penalized or bool(p.logit_bias) or (counts is not None and p.counts_tokens)
+
+
 def sample_rows(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     seen: list[torch.Tensor | None],
+    *,
+    counts: list[torch.Tensor | None] | None = None,
 ) -> tuple[list[int], dict[int, Exception]]:
     """One token per row of (B, V) logits, each row with its own settings.
 
-    Returns the tokens and the rows that failed (row -> error; their token is -1): a
-    row whose scores are not finite, or whose sampling raised, fails alone.
+    ``counts`` holds a row's generated-token counts when it has a presence or frequency
+    penalty. Returns the tokens and the rows that failed (row -> error; their token is
+    -1): a row whose scores are not finite, or whose sampling raised, fails alone.
 
-    Rows that are greedy without a repetition penalty share one batched argmax, so an
-    all-greedy batch costs one device sync. Every other row goes through
+    Rows that are greedy without bias or penalties share one batched argmax,
+    so an all-greedy batch costs one device sync. Every other row goes through
     ``sample_next``, which makes a row's token independent of its batch neighbours.
     """
-    # float32 first: the exact same answer, and CPU's bfloat16 argmax over a 150k-entry
-    # vocabulary is ~5x slower than the cast plus a float32 argmax.
+    B = len(params)
+    counts = counts or [None] * B
     scores = logits.float()
     both = torch.stack([scores.argmax(-1), torch.isfinite(scores).all(-1).long()])  # (2, B): one sync
     picked, finite = both.tolist()
@@ -134,8 +186,8 @@ def sample_rows(
         try:
             if not finite[b]:
                 raise NonFiniteLogitsError("the model's scores for this request hold NaN or inf")
-            if not p.greedy or (p.repetition_penalty != 1.0 and seen[b] is not None):
-                picked[b] = sample_next(logits[b], p, generators[b], seen[b])
+            if _own_pass(p, seen[b], counts[b]):
+                picked[b] = sample_next(logits[b], p, generators[b], seen[b], counts[b])
         except Exception as exc:  # this row's failure must not end its neighbours
             picked[b], failed[b] = -1, exc
     return picked, failed

@@ -15,6 +15,7 @@ import torch
 from .detokenize import TextStream
 from .prepare import PreparedRequest
 from .request import FinishReason, GenerationRequest, GenerationResult, Timings, Usage
+from .scores import new_counts
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Sequence:
     generator: torch.Generator | None = None
     # Prompt + generated ids on the model device, only when a repetition penalty needs them.
     history: torch.Tensor | None = None
+    # (V,) float32 counts of the generated ids, only when a presence/frequency penalty needs them.
+    counts: torch.Tensor | None = None
     added_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -43,9 +46,16 @@ class Sequence:
 
     @classmethod
     def from_prepared(
-        cls, prepared: PreparedRequest, decode, default_stop_ids: list[int], device: torch.device
+        cls,
+        prepared: PreparedRequest,
+        decode,
+        default_stop_ids: list[int],
+        device: torch.device,
+        *,
+        vocab_size: int = 0,
     ) -> Sequence:
-        """A sequence ready to queue; ``decode`` is the tokenizer's (for streaming text)."""
+        """A sequence ready to queue; ``decode`` is the tokenizer's (for streaming text),
+        ``vocab_size`` the model's (sizes the token counts a penalty needs)."""
         request, p, T = prepared.request, prepared.request.sampling, prepared.prompt_ids.numel()
         generator = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
         history = None
@@ -65,6 +75,7 @@ class Sequence:
             max_new_tokens=prepared.max_new_tokens,
             generator=generator,
             history=history,
+            counts=new_counts(vocab_size, device) if p.counts_tokens else None,
             added_at=prepared.added_at,
         )
 
@@ -96,6 +107,7 @@ class Sequence:
             self.first_token_at = now
         if self.history is not None:
             self.history[self.num_prompt_tokens + self.num_generated] = token
+        self._count(token)
         self.num_generated += 1
         if token in self.stop_ids:
             return self.finish("stop", now)
@@ -106,6 +118,10 @@ class Sequence:
         if self.num_generated >= self.max_new_tokens:
             return piece + self.finish("length", now)
         return piece
+
+    def _count(self, token: int) -> None:
+        if self.counts is not None:
+            self.counts[token] += 1
 
     def finish(self, reason: FinishReason, now: float) -> str:
         """Mark done; return text that was held back and may now be shown."""
