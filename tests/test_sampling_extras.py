@@ -1,8 +1,8 @@
-"""OpenAI's sampling extras in the engine: presence/frequency penalties and logit_bias.
+"""OpenAI's sampling extras in the engine: presence/frequency penalties, logit_bias, logprobs.
 
 The references are written here, independently of the engine: the penalties as
-OpenAI states them, applied to logits from the plain full-sequence forward of the
-same model on the same prompt and tokens.
+OpenAI states them and a log-softmax, applied to logits from the plain full-sequence
+forward of the same model on the same prompt and tokens.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ def engine(model_and_processor):
     return Engine(*model_and_processor, max_batch=4, max_seq_len=256, feature_cache_size=0)
 
 
-def run(engine: Engine, max_new_tokens: int = 12, **sampling):
-    request = GenerationRequest(PROMPT, max_new_tokens, SamplingParams(**sampling), stop_token_ids=[])
+def run(engine: Engine, max_new_tokens: int = 12, logprobs: int | None = None, **sampling):
+    """``logprobs``: None for none, else how many alternatives (top_logprobs)."""
+    extra = {} if logprobs is None else {"logprobs": True, "top_logprobs": logprobs}
+    params = SamplingParams(**sampling)
+    request = GenerationRequest(PROMPT, max_new_tokens, params, stop_token_ids=[], **extra)
     return engine.generate([request])[0]
 
 
@@ -75,8 +78,8 @@ def test_penalties_on_recorded_logits_match_openai_formula():
     logits[0, 1] = 10.0  # best before the penalty, and penalised below the second best
     logits[0, 2] = 9.5
     p = SamplingParams(presence_penalty=2.0, frequency_penalty=0.0)
-    tokens, failed = sample_rows(logits, [p] * 3, [None] * 3, [None] * 3, counts=counts)
-    assert not failed and tokens[0] == 2
+    tokens, failed, logprobs = sample_rows(logits, [p] * 3, [None] * 3, [None] * 3, counts=counts)
+    assert not failed and not logprobs and tokens[0] == 2
 
 
 def test_greedy_penalties_match_the_plain_forward(engine, model_and_processor):
@@ -154,3 +157,108 @@ def test_logit_bias_ids_are_checked_against_the_vocabulary(engine):
     with pytest.raises(InputError, match=f"token id {vocab}, but this model's ids are 0..{vocab - 1}"):
         engine.prepare(request)
     engine.prepare(replace(request, sampling=SamplingParams(logit_bias={vocab - 1: 1.0})))
+
+
+# ---- logprobs --------------------------------------------------------------------------
+
+LOGPROB_CASES = {
+    "greedy": ({}, 1.0),
+    "sampled": ({"temperature": 0.7, "seed": 1}, 0.7),
+    "truncated": ({"temperature": 1.3, "top_k": 8, "top_p": 0.9, "seed": 2}, 1.3),  # before truncation
+    "penalised": ({"frequency_penalty": -0.8, "presence_penalty": 0.3, "logit_bias": {9707: 3.0}}, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", LOGPROB_CASES)
+def test_logprobs_are_log_softmax_of_the_plain_forward(engine, model_and_processor, case):
+    sampling, temperature = LOGPROB_CASES[case]
+    result = run(engine, 10, logprobs=5, **sampling)
+    assert len(result.logprobs) == len(result.token_ids) == 10
+    logits = step_logits(model_and_processor, result.token_ids)
+    bias = sampling.get("logit_bias", {})
+    presence, frequency = sampling.get("presence_penalty", 0.0), sampling.get("frequency_penalty", 0.0)
+    for i, (token, entry) in enumerate(zip(result.token_ids, result.logprobs, strict=True)):
+        scores = logits[i].clone()
+        for t, b in bias.items():
+            scores[t] += b
+        scores = openai_penalties(scores, result.token_ids[:i], presence, frequency)
+        want = torch.log_softmax(scores / temperature, -1)
+        assert entry.token_id == token
+        assert entry.logprob == pytest.approx(want[token].item(), abs=1e-4)
+        top_values, top_ids = want.topk(5)
+        assert [t.token_id for t in entry.top] == top_ids.tolist()
+        assert [t.logprob for t in entry.top] == pytest.approx(top_values.tolist(), abs=1e-4)
+        assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
+        assert entry.top[0].logprob >= entry.logprob
+        if "temperature" not in sampling:
+            assert entry.top[0].token_id == token  # greedy picks the most likely
+
+
+def test_logprob_tokens_spell_the_text(engine, model_and_processor):
+    result = run(engine, 16, logprobs=2, temperature=1.0, seed=5)
+    raw = b"".join(bytes(entry.bytes) for entry in result.logprobs)
+    tokenizer = model_and_processor[1].tokenizer
+    assert raw.decode("utf-8", errors="replace") == tokenizer.decode(result.token_ids)
+    for entry in [*result.logprobs, *(t for e in result.logprobs for t in e.top)]:
+        assert bytes(entry.bytes).decode("utf-8", errors="backslashreplace") == entry.token
+
+
+def test_token_bytes_agree_with_the_tokenizer(model_and_processor):
+    from fastvlm.processing.token_bytes import TokenBytes
+
+    tokenizer = model_and_processor[1].tokenizer
+    spell = TokenBytes(tokenizer)
+    for token_id in [*range(0, len(tokenizer), 97), 151643, 151645]:
+        text, raw = spell(token_id)
+        assert raw.decode("utf-8", errors="replace") == tokenizer.decode([token_id]), token_id
+    assert spell(220) == (" ", b" ")
+    assert spell(151645) == ("<|im_end|>", b"<|im_end|>")
+    assert spell(10**6) == ("", b"")  # a padded vocabulary row the tokenizer does not know
+
+
+def test_streamed_logprobs_add_up_and_a_stop_token_has_none(engine):
+    request = GenerationRequest(PROMPT, 12, SamplingParams(seed=4, temperature=0.9), logprobs=True)
+    events = list(engine.stream_events(request))
+    streamed = [entry for event in events for entry in (event.logprobs or [])]
+    result = events[-1].result
+    assert [e.token_id for e in streamed] == result.token_ids
+    assert streamed == result.logprobs and all(e.top == [] for e in streamed)  # top_logprobs=0
+    # A stop token ends the answer and, like token_ids, gets no entry.
+    stopped = run(engine, 5, logprobs=3, logit_bias={151645: 100.0})
+    assert stopped.finish_reason == "length"  # run() lists no stop ids
+    request = GenerationRequest(PROMPT, 5, SamplingParams(logit_bias={151645: 100.0}), logprobs=True)
+    (stopped,) = engine.generate([request])
+    assert stopped.finish_reason == "stop" and stopped.token_ids == [] and stopped.logprobs == []
+    assert run(engine, 3).logprobs is None  # not asked for, not paid for
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(logprobs=True, top_logprobs=21), r"top_logprobs must be an integer in \[0, 20\]"),
+        (dict(logprobs=True, top_logprobs=-1), "top_logprobs must be"),
+        (dict(top_logprobs=3), "top_logprobs needs logprobs=True"),
+        (dict(logprobs="yes"), "logprobs must be True or False"),
+    ],
+)
+def test_bad_logprob_settings(bad, match):
+    with pytest.raises(InputError, match=match):
+        GenerationRequest(PROMPT, **bad)
+
+
+def test_mixed_batch_rows_answer_what_they_answer_alone(model_and_processor):
+    def requests():
+        plain = GenerationRequest(PROMPT, 8)
+        sampled = GenerationRequest(PROMPT, 8, SamplingParams(temperature=0.8, seed=9))
+        extras = SamplingParams(temperature=0.8, seed=9, frequency_penalty=-1.0, logit_bias={11: 2.0})
+        fancy = GenerationRequest(PROMPT, 8, extras, logprobs=True, top_logprobs=3)
+        greedy_lp = GenerationRequest(PROMPT, 8, SamplingParams(presence_penalty=-1.0), logprobs=True)
+        return [plain, sampled, fancy, greedy_lp]
+
+    alone = [Engine(*model_and_processor, max_batch=1, max_seq_len=256).generate([r])[0] for r in requests()]
+    together = Engine(*model_and_processor, max_batch=4, max_seq_len=256, prefill_per_step=4)
+    results = together.generate(requests())
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone]
+    for got, want in zip(results[2:], alone[2:], strict=True):
+        want_logprobs = [e.logprob for e in want.logprobs]
+        assert [e.logprob for e in got.logprobs] == pytest.approx(want_logprobs, abs=1e-5)

@@ -33,7 +33,7 @@ from .processing import FastVLMProcessor
 
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 _SAMPLING_OPTIONS += ("presence_penalty", "frequency_penalty")
-_REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids")
+_REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs")
 GENERATION_OPTIONS = (*_SAMPLING_OPTIONS, "logit_bias", *_REQUEST_OPTIONS)
 
 
@@ -94,6 +94,8 @@ class VLM:
         """
         if prompt is None:
             raise InputError("ask(image, prompt) needs a prompt; for text only call ask(None, prompt)")
+        if options.get("logprobs"):
+            raise InputError("ask returns text only; call chat(...) for results with logprobs")
         request = build_request(image_message(image, prompt), **options)
         return self.stream(request) if stream else self.generate(request).text
 

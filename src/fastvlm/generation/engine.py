@@ -24,8 +24,10 @@ import time
 import torch
 
 from ..errors import CheckpointError, FastVLMError, InputError
+from ..processing.token_bytes import TokenBytes
 from .drivers import Drivers
 from .feature_cache import DEFAULT_MAX_BYTES, FeatureCache, gather_features
+from .logprobs import token_logprob
 from .prepare import DEFAULT_MAX_IMAGES, PreparedRequest, PrepareLimits, prepare_request
 from .request import GenerationRequest, GenerationResult, StreamEvent, Timings, Usage
 from .runner import ModelRunner
@@ -101,6 +103,7 @@ class Engine(Drivers):
         self.prefill_per_step = prefill_per_step
         self.runner = ModelRunner(model, max_batch, self.max_seq_len)
         self.feature_cache = FeatureCache(feature_cache_size, feature_cache_bytes)
+        self._token_bytes: TokenBytes | None = None
         tokenizer = processor.tokenizer
         self.limits = PrepareLimits(
             max_seq_len=self.max_seq_len,
@@ -241,7 +244,10 @@ class Engine(Drivers):
         """One token per row of (B, V) ``logits``; a row that fails here fails alone."""
         params = [s.request.sampling for s in seqs]
         generators, seen = [s.generator for s in seqs], [s.seen() for s in seqs]
-        tokens, failed = sample_rows(logits, params, generators, seen, counts=[s.counts for s in seqs])
+        wanted = [s.request.top_logprobs if s.request.logprobs else None for s in seqs]
+        tokens, failed, logprobs = sample_rows(
+            logits, params, generators, seen, counts=[s.counts for s in seqs], top_logprobs=wanted
+        )
         now = time.perf_counter()
         for b, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if b in failed:
@@ -249,7 +255,8 @@ class Engine(Drivers):
                 continue
             self.stats["generated_tokens"] += 1
             try:
-                out.emit(seq, seq.accept(token, now))  # detokenising and the stop checks
+                entry = token_logprob(logprobs[b], self._spell) if b in logprobs else None
+                out.emit(seq, seq.accept(token, now, entry))  # detokenising and the stop checks
             except Exception as exc:
                 self._fail(seq, exc, out)
 
@@ -276,6 +283,13 @@ class Engine(Drivers):
         for name, value in counts.items():
             self.stats[name] += value
         return {s.request_id: f for s, f in zip(seqs, features, strict=True)}
+
+    @property
+    def _spell(self) -> TokenBytes:
+        """Token id -> (text, bytes), built on first use: only logprobs need it."""
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.processor.tokenizer)
+        return self._token_bytes
 
     def _fail(self, seq: Sequence, error: Exception, out: StepOutput) -> None:
         if not seq.finished:

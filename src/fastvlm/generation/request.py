@@ -12,6 +12,7 @@ from typing import Literal
 
 from ..errors import InputError
 from .sampling import SamplingParams
+from .scores import MAX_TOP_LOGPROBS
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -38,8 +39,11 @@ class GenerationRequest:
     stop_token_ids: list[int] | None = None
     request_id: str = field(default_factory=_new_request_id)
     fit_to_context: bool = False
+    logprobs: bool = False  # report each generated token's log-probability
+    top_logprobs: int = 0  # and this many most likely alternatives (0..20; needs logprobs)
 
     def __post_init__(self) -> None:
+        _check_logprobs(self)
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise InputError(f"max_new_tokens must be an integer, not {type(self.max_new_tokens).__name__}")
         if self.max_new_tokens < 1:
@@ -61,6 +65,37 @@ class GenerationRequest:
             self.stop_token_ids = ids
         if not isinstance(self.request_id, str) or not self.request_id:
             raise InputError("request_id must be a non-empty string")
+
+
+def _check_logprobs(request: GenerationRequest) -> None:
+    if not isinstance(request.logprobs, bool):
+        raise InputError(f"logprobs must be True or False, not {request.logprobs!r}")
+    k = request.top_logprobs
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise InputError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
+    if k and not request.logprobs:
+        raise InputError("top_logprobs needs logprobs=True")
+
+
+@dataclass
+class TopLogprob:
+    """A token and its log-probability (see ``sampling`` for which distribution).
+
+    ``token`` is its text; ``bytes`` its exact UTF-8 bytes, which differ from the text's
+    when the token holds part of a character (then ``token`` shows ``\\xNN`` escapes).
+    """
+
+    token_id: int
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass
+class TokenLogprob(TopLogprob):
+    """A generated token, with the most likely tokens at its position (best first)."""
+
+    top: list[TopLogprob]
 
 
 @dataclass
@@ -94,6 +129,7 @@ class GenerationResult:
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked for
 
 
 @dataclass
@@ -109,3 +145,4 @@ class StreamEvent:
     finished: bool = False
     result: GenerationResult | None = None  # set when finished
     error: Exception | None = None  # set when finished by a failure
+    logprobs: list[TokenLogprob] | None = None  # of the tokens since the last event, when asked for

@@ -5,7 +5,10 @@ Each row's scores go through a fixed order:
     logits (as float32) -> logit_bias -> repetition_penalty -> presence/frequency penalties
     -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> sample
 
-Nothing here knows about models, caches or text.
+Reported log-probabilities (``logprobs``) are the log-softmax of the scores after the
+bias and the penalties, divided by the temperature when the row samples (T > 0; a
+greedy row uses T = 1), and before top-k/top-p/min-p truncation: the distribution the
+truncation then cuts from. Nothing here knows about models, caches or text.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import torch
 
 from ..errors import InputError
 from .scores import (
+    RowLogprobs,
     apply_logit_bias,
     apply_presence_frequency,
     check_penalty,
     normalize_logit_bias,
+    row_logprobs,
 )
 
 # Sane ranges. Outside them the scores overflow or underflow float32 within a few
@@ -165,29 +170,49 @@ def sample_rows(
     seen: list[torch.Tensor | None],
     *,
     counts: list[torch.Tensor | None] | None = None,
-) -> tuple[list[int], dict[int, Exception]]:
+    top_logprobs: list[int | None] | None = None,
+) -> tuple[list[int], dict[int, Exception], dict[int, RowLogprobs]]:
     """One token per row of (B, V) logits, each row with its own settings.
 
     ``counts`` holds a row's generated-token counts when it has a presence or frequency
-    penalty. Returns the tokens and the rows that failed (row -> error; their token is
-    -1): a row whose scores are not finite, or whose sampling raised, fails alone.
+    penalty; ``top_logprobs[b]`` is how many alternatives row b reports (None: no
+    logprobs). Returns the tokens, the rows that failed (row -> error; their token is
+    -1) and the log-probabilities of the rows that asked. A row whose scores are not
+    finite, or whose sampling raised, fails alone.
 
-    Rows that are greedy without bias or penalties share one batched argmax,
+    Rows that are greedy without bias, penalties or logprobs share one batched argmax,
     so an all-greedy batch costs one device sync. Every other row goes through
     ``sample_next``, which makes a row's token independent of its batch neighbours.
     """
     B = len(params)
     counts = counts or [None] * B
+    top_logprobs = top_logprobs or [None] * B
     scores = logits.float()
     both = torch.stack([scores.argmax(-1), torch.isfinite(scores).all(-1).long()])  # (2, B): one sync
     picked, finite = both.tolist()
     failed: dict[int, Exception] = {}
+    logprobs: dict[int, RowLogprobs] = {}
     for b, p in enumerate(params):
         try:
             if not finite[b]:
                 raise NonFiniteLogitsError("the model's scores for this request hold NaN or inf")
-            if _own_pass(p, seen[b], counts[b]):
+            if _own_pass(p, seen[b], counts[b]) or top_logprobs[b] is not None:
                 picked[b] = sample_next(logits[b], p, generators[b], seen[b], counts[b])
+            if top_logprobs[b] is not None:
+                logprobs[b] = _logprobs(logits[b], p, seen[b], counts[b], picked[b], top_logprobs[b])
         except Exception as exc:  # this row's failure must not end its neighbours
             picked[b], failed[b] = -1, exc
-    return picked, failed
+            logprobs.pop(b, None)
+    return picked, failed, logprobs
+
+
+def _logprobs(
+    logits: torch.Tensor,
+    p: SamplingParams,
+    seen: torch.Tensor | None,
+    counts: torch.Tensor | None,
+    token: int,
+    k: int,
+) -> RowLogprobs:
+    """What ``logprobs`` report for one row: its scores again (only rows that ask pay)."""
+    return row_logprobs(row_scores(logits, p, seen, counts), p.temperature, token, k)

@@ -1,8 +1,8 @@
-"""Score adjustments beside the repetition penalty.
+"""Score adjustments beside the repetition penalty, and the log-probabilities reported.
 
 Pure functions of one row's scores (V,) and a request's settings: OpenAI's
-``logit_bias`` and presence/frequency penalties. ``sampling`` calls them in its fixed
-order (see its docstring).
+``logit_bias`` and presence/frequency penalties, and the log-softmax that
+``logprobs`` report. ``sampling`` calls them in its fixed order (see its docstring).
 Nothing here knows about models, caches or text.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +18,7 @@ from ..errors import InputError
 
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's bounds for presence_penalty and frequency_penalty
 BIAS_RANGE = (-100.0, 100.0)  # OpenAI's bounds for logit_bias values
+MAX_TOP_LOGPROBS = 20
 
 
 def check_penalty(name: str, value: object) -> None:
@@ -84,3 +86,31 @@ def apply_presence_frequency(
         return scores
     penalty = counts * frequency + (counts > 0).to(scores.dtype) * presence  # (V,)
     return scores - penalty
+
+
+@dataclass
+class RowLogprobs:
+    """The chosen token's log-probability and the ``k`` most likely tokens' (best first)."""
+
+    token_id: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+def logprob_temperature(temperature: float) -> float:
+    """Sampled rows report the distribution after temperature; greedy rows (T=0) use T=1."""
+    return temperature if temperature >= 1e-5 else 1.0
+
+
+def row_logprobs(scores: torch.Tensor, temperature: float, token: int, k: int) -> RowLogprobs:
+    """Log-softmax of processed ``scores`` (V,) at ``temperature``, before any truncation.
+
+    Entries at -inf (masked tokens) are left out of the top list: they were never possible.
+    """
+    logp = (scores.float() / logprob_temperature(temperature)).log_softmax(-1)  # (V,)
+    values, ids = logp.topk(k)  # (k,) each, best first
+    # One device sync for all of it; float64 holds every id (< 2**53) exactly.
+    flat = torch.cat([logp[token].view(1).double(), values.double(), ids.double()]).tolist()
+    top = [(int(i), v) for v, i in zip(flat[1 : 1 + k], flat[1 + k :], strict=True) if v != -math.inf]
+    return RowLogprobs(token, flat[0], [i for i, _ in top], [v for _, v in top])

@@ -14,7 +14,7 @@ import torch
 
 from .detokenize import TextStream
 from .prepare import PreparedRequest
-from .request import FinishReason, GenerationRequest, GenerationResult, Timings, Usage
+from .request import FinishReason, GenerationRequest, GenerationResult, Timings, TokenLogprob, Usage
 from .scores import new_counts
 
 
@@ -32,6 +32,8 @@ class Sequence:
     history: torch.Tensor | None = None
     # (V,) float32 counts of the generated ids, only when a presence/frequency penalty needs them.
     counts: torch.Tensor | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per output id, when the request asked
+    logprobs_sent: int = 0  # entries already handed out in stream events
     added_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -76,6 +78,7 @@ class Sequence:
             generator=generator,
             history=history,
             counts=new_counts(vocab_size, device) if p.counts_tokens else None,
+            logprobs=[] if request.logprobs else None,
             added_at=prepared.added_at,
         )
 
@@ -101,8 +104,8 @@ class Sequence:
             return None
         return self.history[: self.num_prompt_tokens + self.num_generated]
 
-    def accept(self, token: int, now: float) -> str:
-        """Record a generated token; return the text it makes safe to show."""
+    def accept(self, token: int, now: float, logprob: TokenLogprob | None = None) -> str:
+        """Record a generated token (and its logprob); return the text it makes safe to show."""
         if self.first_token_at is None:
             self.first_token_at = now
         if self.history is not None:
@@ -112,6 +115,7 @@ class Sequence:
         if token in self.stop_ids:
             return self.finish("stop", now)
         self.output_ids.append(token)
+        self._record_logprob(logprob)
         piece = self.text.push(token)
         if self.text.stopped:
             return piece + self.finish("stop", now)
@@ -122,6 +126,19 @@ class Sequence:
     def _count(self, token: int) -> None:
         if self.counts is not None:
             self.counts[token] += 1
+
+    def _record_logprob(self, logprob: TokenLogprob | None) -> None:
+        """Kept beside output_ids, so a final stop token has no entry either."""
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+
+    def new_logprobs(self) -> list[TokenLogprob] | None:
+        """Entries since the last call (for a stream event), or None when not asked for."""
+        if self.logprobs is None:
+            return None
+        new = self.logprobs[self.logprobs_sent :]
+        self.logprobs_sent = len(self.logprobs)
+        return new
 
     def finish(self, reason: FinishReason, now: float) -> str:
         """Mark done; return text that was held back and may now be shown."""
@@ -147,6 +164,7 @@ class Sequence:
             text=self.text.text,
             token_ids=list(self.output_ids),
             finish_reason=self.finish_reason or "cancelled",
+            logprobs=None if self.logprobs is None else list(self.logprobs),
             usage=Usage(
                 prompt_tokens=self.num_prompt_tokens,
                 completion_tokens=self.num_generated,

@@ -33,6 +33,8 @@ class StepOutput:
 
     def _event(self, seq: Sequence, ended: bool) -> StreamEvent:
         text = "".join(self._pieces[seq.request_id])
+        logprobs = seq.new_logprobs()
         if not ended:
-            return StreamEvent(request_id=seq.request_id, text=text)
-        return StreamEvent(seq.request_id, text, finished=True, result=seq.result(), error=seq.error)
+            return StreamEvent(request_id=seq.request_id, text=text, logprobs=logprobs)
+        result = seq.result()
+        return StreamEvent(seq.request_id, text, True, result, seq.error, logprobs=logprobs)
