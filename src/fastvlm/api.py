@@ -3,6 +3,7 @@
     vlm = fastvlm.load()                      # apple/FastVLM-0.5B, best device and dtype
     vlm.ask("photo.jpg", "What is shown?")    # -> str
     vlm.chat(messages, temperature=0.7)       # -> GenerationResult (text, finish_reason, usage, timings)
+    vlm.chat(messages, n=3, logprobs=True)    # -> [GenerationResult] * 3, each with .logprobs
     fastvlm.api.describe_checkpoint(path)     # -> dict, from config.json and weight headers only
 
 This layer only turns keyword options into engine requests and back; batching,
@@ -33,7 +34,7 @@ from .processing import FastVLMProcessor
 
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 _SAMPLING_OPTIONS += ("presence_penalty", "frequency_penalty")
-_REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs")
+_REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs", "n")
 GENERATION_OPTIONS = (*_SAMPLING_OPTIONS, "logit_bias", *_REQUEST_OPTIONS)
 
 
@@ -78,9 +79,10 @@ class VLM:
     def __init__(self, model: FastVLM, processor: FastVLMProcessor, engine: Engine) -> None:
         self.model, self.processor, self.engine = model, processor, engine
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Run one request to the end."""
-        return self.engine.generate([request])[0]
+    def generate(self, request: GenerationRequest) -> GenerationResult | list[GenerationResult]:
+        """Run one request to the end: its result, or with ``n`` > 1 its n results."""
+        results = self.engine.generate([request])
+        return results if request.n > 1 else results[0]
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """The answer's text pieces as they are decoded; ``close()`` the iterator to stop early
@@ -90,27 +92,39 @@ class VLM:
     def ask(self, image: Any = None, prompt: str | None = None, *, stream: bool = False, **options: Any):
         """Answer ``prompt`` about ``image`` (path, URL, PIL image, bytes, base64, a list, or None).
 
-        Returns the answer, or with ``stream=True`` an iterator of text pieces.
+        Returns the answer (with ``n`` > 1 a list of n answers), or with ``stream=True``
+        an iterator of text pieces (one answer only).
         """
         if prompt is None:
             raise InputError("ask(image, prompt) needs a prompt; for text only call ask(None, prompt)")
         if options.get("logprobs"):
             raise InputError("ask returns text only; call chat(...) for results with logprobs")
         request = build_request(image_message(image, prompt), **options)
-        return self.stream(request) if stream else self.generate(request).text
+        if stream:
+            return self.stream(request)
+        result = self.generate(request)
+        return [r.text for r in result] if isinstance(result, list) else result.text
 
     def chat(
         self, messages: list[dict], *, stream: bool = False, **options: Any
-    ) -> GenerationResult | Iterator[StreamEvent]:
-        """Continue a conversation. With ``stream=True``: events, the last holding the result."""
+    ) -> GenerationResult | list[GenerationResult] | Iterator[StreamEvent]:
+        """Continue a conversation: its result, or with ``n`` > 1 a list of n results.
+
+        With ``stream=True``: events; each choice (``event.index``) ends with one
+        finished event holding its result.
+        """
         request = build_request(messages, **options)
         if stream:
             return self.engine.stream_events(request)
         return self.generate(request)
 
-    def batch(self, conversations: list[Any], **options: Any) -> list[GenerationResult]:
+    def batch(
+        self, conversations: list[Any], **options: Any
+    ) -> list[GenerationResult | list[GenerationResult]]:
         """Run several conversations together. Each item is a list of messages, or a dict
-        ``{"messages": [...], **options}`` whose options override the shared ``options``."""
+        ``{"messages": [...], **options}`` whose options override the shared ``options``.
+
+        One entry per conversation: its result, or a list of n results where ``n`` > 1."""
         requests = []
         for index, item in enumerate(conversations):
             if isinstance(item, Mapping):
@@ -120,7 +134,8 @@ class VLM:
                 requests.append(build_request(item["messages"], **{**options, **extra}))
             else:
                 requests.append(build_request(item, **options))
-        return self.engine.generate(requests)
+        results = iter(self.engine.generate(requests))
+        return [[next(results) for _ in range(r.n)] if r.n > 1 else next(results) for r in requests]
 
     def __repr__(self) -> str:
         return (

@@ -14,6 +14,8 @@ from ..errors import InputError
 from .sampling import SamplingParams
 from .scores import MAX_TOP_LOGPROBS
 
+MAX_CHOICES = 8  # n: answers decoded from one prefill
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -41,9 +43,11 @@ class GenerationRequest:
     fit_to_context: bool = False
     logprobs: bool = False  # report each generated token's log-probability
     top_logprobs: int = 0  # and this many most likely alternatives (0..20; needs logprobs)
+    n: int = 1  # answers to the same prompt (1..8), sharing its prefill; see Engine
 
     def __post_init__(self) -> None:
         _check_logprobs(self)
+        _check_choices(self.n)
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise InputError(f"max_new_tokens must be an integer, not {type(self.max_new_tokens).__name__}")
         if self.max_new_tokens < 1:
@@ -75,6 +79,11 @@ def _check_logprobs(request: GenerationRequest) -> None:
         raise InputError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
     if k and not request.logprobs:
         raise InputError("top_logprobs needs logprobs=True")
+
+
+def _check_choices(n: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise InputError(f"n must be an integer in [1, {MAX_CHOICES}], got {n!r}")
 
 
 @dataclass
@@ -130,14 +139,16 @@ class GenerationResult:
     usage: Usage
     timings: Timings
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked for
+    index: int = 0  # which of the request's n choices
 
 
 @dataclass
 class StreamEvent:
-    """New text of one request since its last event (complete UTF-8; may be "").
+    """New text of one choice of a request since its last event (complete UTF-8; may be "").
 
-    Every request gets exactly one finished event. When it failed, ``error`` says why
-    (``result.finish_reason`` is "error" and holds what was generated before).
+    Every choice (``index`` 0..n-1) gets exactly one finished event. When it failed,
+    ``error`` says why (``result.finish_reason`` is "error" and holds what was
+    generated before).
     """
 
     request_id: str
@@ -146,3 +157,4 @@ class StreamEvent:
     result: GenerationResult | None = None  # set when finished
     error: Exception | None = None  # set when finished by a failure
     logprobs: list[TokenLogprob] | None = None  # of the tokens since the last event, when asked for
+    index: int = 0  # which of the request's n choices

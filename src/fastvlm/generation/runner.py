@@ -63,3 +63,7 @@ class ModelRunner:
 
     def move_row(self, src: int, dst: int) -> None:
         self.cache.move_row(src, dst)
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row ``dst`` continues from the first ``length`` keys of row ``src`` (shared prefill)."""
+        self.cache.copy_row(src, dst, length)

@@ -45,6 +45,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: Exception | None = None  # why it failed, with finish_reason "error"
     cancel_requested: bool = False
+    index: int = 0  # which of the request's n choices
 
     @classmethod
     def from_prepared(
@@ -55,11 +56,14 @@ class Sequence:
         device: torch.device,
         *,
         vocab_size: int = 0,
+        index: int = 0,
     ) -> Sequence:
-        """A sequence ready to queue; ``decode`` is the tokenizer's (for streaming text),
-        ``vocab_size`` the model's (sizes the token counts a penalty needs)."""
+        """Choice ``index`` of a request, ready to queue; ``decode`` is the tokenizer's (for
+        streaming text), ``vocab_size`` the model's (sizes the token counts a penalty needs)."""
         request, p, T = prepared.request, prepared.request.sampling, prepared.prompt_ids.numel()
-        generator = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(choice_seed(p.seed, index))
         history = None
         if p.repetition_penalty != 1.0:
             history = torch.empty(
@@ -70,7 +74,7 @@ class Sequence:
         return cls(
             request=request,
             prompt_ids=prepared.prompt_ids,
-            pixels=prepared.pixels,
+            pixels=prepared.pixels if index == 0 else None,  # the first choice's prefill serves all
             image_keys=prepared.image_keys,
             stop_ids=frozenset(stops),
             text=TextStream(decode, request.stop),
@@ -80,11 +84,17 @@ class Sequence:
             counts=new_counts(vocab_size, device) if p.counts_tokens else None,
             logprobs=[] if request.logprobs else None,
             added_at=prepared.added_at,
+            index=index,
         )
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Which choice of which request: unique among live sequences."""
+        return self.request_id, self.index
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -161,6 +171,7 @@ class Sequence:
         decode_s = end - first
         return GenerationResult(
             request_id=self.request_id,
+            index=self.index,
             text=self.text.text,
             token_ids=list(self.output_ids),
             finish_reason=self.finish_reason or "cancelled",
@@ -177,3 +188,12 @@ class Sequence:
                 total_s=end - self.added_at,
             ),
         )
+
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads consecutive indices apart
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index``: choice 0 keeps the request's own (it answers as n=1
+    does), the others get distinct seeds derived from (seed, index)."""
+    return seed if index == 0 else (seed + index * _SEED_STRIDE) % 2**64
