@@ -4,6 +4,7 @@
     vlm.ask("photo.jpg", "What is shown?")    # -> str
     vlm.chat(messages, temperature=0.7)       # -> ChatResult (text, finish_reason, usage, timings, parsed)
     vlm.ask("r.jpg", "Total?", json_schema={...}).parsed  # constrained: json_schema=, regex=, choices=
+    vlm.chat(messages, n=3, logprobs=True)    # -> [ChatResult] * 3, each with .logprobs
     fastvlm.api.describe_checkpoint(path)     # -> dict, from config.json and weight headers only
 
 This layer only turns keyword options into engine requests and back; batching,
@@ -35,9 +36,10 @@ from .processing import FastVLMProcessor
 from .results import Answer, ChatResult, events_with_parsed, with_parsed
 
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
-_REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids")
+_SAMPLING_OPTIONS += ("presence_penalty", "frequency_penalty")
+_REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs", "n")
 _CONSTRAINT_OPTIONS = ("json_schema", "regex", "choices")  # at most one; see OutputConstraint
-GENERATION_OPTIONS = _SAMPLING_OPTIONS + _REQUEST_OPTIONS + _CONSTRAINT_OPTIONS
+GENERATION_OPTIONS = (*_SAMPLING_OPTIONS, "logit_bias", *_REQUEST_OPTIONS, *_CONSTRAINT_OPTIONS)
 
 
 def build_request(messages: list[dict], **options: Any) -> GenerationRequest:
@@ -55,6 +57,8 @@ def build_request(messages: list[dict], **options: Any) -> GenerationRequest:
         sampling["top_k"] = int(sampling["top_k"])
     if "seed" in sampling:
         sampling["seed"] = int(sampling["seed"])
+    if options.get("logit_bias") is not None:
+        sampling["logit_bias"] = options["logit_bias"]  # SamplingParams checks the mapping
     request = {k: options[k] for k in _REQUEST_OPTIONS if options.get(k) is not None}
     constraint = OutputConstraint.from_options(**{k: options.get(k) for k in _CONSTRAINT_OPTIONS})
     return GenerationRequest(
@@ -82,9 +86,10 @@ class VLM:
     def __init__(self, model: FastVLM, processor: FastVLMProcessor, engine: Engine) -> None:
         self.model, self.processor, self.engine = model, processor, engine
 
-    def generate(self, request: GenerationRequest) -> ChatResult:
-        """Run one request to the end."""
-        return with_parsed(self.engine.generate([request])[0], request.constraint)
+    def generate(self, request: GenerationRequest) -> ChatResult | list[ChatResult]:
+        """Run one request to the end: its result, or with ``n`` > 1 its n results."""
+        results = [with_parsed(r, request.constraint) for r in self.engine.generate([request])]
+        return results if request.n > 1 else results[0]
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """The answer's text pieces as they are decoded; ``close()`` the iterator to stop early
@@ -95,29 +100,39 @@ class VLM:
         """Answer ``prompt`` about ``image`` (path, URL, PIL image, bytes, base64, a list, or None).
 
         Returns the answer (a ``str`` whose ``parsed`` holds the value under a
-        ``json_schema``/``regex``/``choices`` constraint, see ``fastvlm.results``), or with
-        ``stream=True`` an iterator of text pieces.
+        ``json_schema``/``regex``/``choices`` constraint, see ``fastvlm.results``; with
+        ``n`` > 1 a list of n answers), or with ``stream=True`` an iterator of text
+        pieces (one answer only).
         """
         if prompt is None:
             raise InputError("ask(image, prompt) needs a prompt; for text only call ask(None, prompt)")
+        if options.get("logprobs"):
+            raise InputError("ask returns text only; call chat(...) for results with logprobs")
         request = build_request(image_message(image, prompt), **options)
-        return self.stream(request) if stream else Answer(self.generate(request))
+        if stream:
+            return self.stream(request)
+        result = self.generate(request)
+        return [Answer(r) for r in result] if isinstance(result, list) else Answer(result)
 
     def chat(
         self, messages: list[dict], *, stream: bool = False, **options: Any
-    ) -> ChatResult | Iterator[StreamEvent]:
-        """Continue a conversation. With ``stream=True``: events, the last holding the result.
+    ) -> ChatResult | list[ChatResult] | Iterator[StreamEvent]:
+        """Continue a conversation: its result, or with ``n`` > 1 a list of n results.
 
         The result has ``parsed``: the answer as a value under a constraint, else None.
+        With ``stream=True``: events; each choice (``event.index``) ends with one
+        finished event holding its result.
         """
         request = build_request(messages, **options)
         if stream:
             return events_with_parsed(self.engine.stream_events(request), request.constraint)
         return self.generate(request)
 
-    def batch(self, conversations: list[Any], **options: Any) -> list[ChatResult]:
+    def batch(self, conversations: list[Any], **options: Any) -> list[ChatResult | list[ChatResult]]:
         """Run several conversations together. Each item is a list of messages, or a dict
-        ``{"messages": [...], **options}`` whose options override the shared ``options``."""
+        ``{"messages": [...], **options}`` whose options override the shared ``options``.
+
+        One entry per conversation: its result, or a list of n results where ``n`` > 1."""
         requests = []
         for index, item in enumerate(conversations):
             if isinstance(item, Mapping):
@@ -127,8 +142,13 @@ class VLM:
                 requests.append(build_request(item["messages"], **{**options, **extra}))
             else:
                 requests.append(build_request(item, **options))
-        results = self.engine.generate(requests)
-        return [with_parsed(r, q.constraint) for r, q in zip(results, requests, strict=True)]
+        results = iter(self.engine.generate(requests))
+        return [
+            [with_parsed(next(results), r.constraint) for _ in range(r.n)]
+            if r.n > 1
+            else with_parsed(next(results), r.constraint)
+            for r in requests
+        ]
 
     def __repr__(self) -> str:
         return (

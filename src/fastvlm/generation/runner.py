@@ -18,6 +18,7 @@ class ModelRunner:
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.device = model.device
+        self.vocab_size = model.config.text.vocab_size  # columns of the logits
         self.cache = model.new_cache(max_batch, max_seq_len)
         self._columns = torch.arange(max_seq_len, device=self.device)  # reused for positions and masks
 
@@ -62,3 +63,7 @@ class ModelRunner:
 
     def move_row(self, src: int, dst: int) -> None:
         self.cache.move_row(src, dst)
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row ``dst`` continues from the first ``length`` keys of row ``src`` (shared prefill)."""
+        self.cache.copy_row(src, dst, length)
