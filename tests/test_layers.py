@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "config": 1,
     "device": 1,
+    "config_rules": 1,
     "models": 2,
     "checkpoints": 3,
     "processing": 4,

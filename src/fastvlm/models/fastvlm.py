@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FastVLMConfig
+from .activations import activation
 from .cache import KVCache
 from .fastvithd import FastViTHD
 from .qwen2 import Qwen2Model
@@ -33,9 +34,10 @@ class Projector(nn.Module):
         hidden = cfg.text.hidden_size
         self.linear_1 = nn.Linear(cfg.vision.num_features, hidden, bias=cfg.projector_bias)
         self.linear_2 = nn.Linear(hidden, hidden, bias=cfg.projector_bias)
+        self.act = activation(cfg.projector_hidden_act, "projector_hidden_act")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x)))
+        return self.linear_2(self.act(self.linear_1(x)))
 
 
 def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
