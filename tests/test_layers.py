@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "processing": 4,
     "generation": 5,
     "modeling": 6,
+    "modeling_args": 6,
     "api": 7,
     "cli_options": 7,
     "cli": 8,

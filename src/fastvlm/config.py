@@ -225,6 +225,12 @@ class FastVLMConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     dtype: str | None = None  # the weights' dtype as config.json states it (``dtype``/``torch_dtype``)
+    # Image tokens per image as config.json states it (transformers' processor reads it);
+    # 0: the tower's count at its nominal image size.
+    image_seq_length: int = 0
+
+    def __post_init__(self) -> None:
+        self.image_seq_length = int(self.image_seq_length or self.vision.num_image_tokens)
 
     @property
     def num_image_tokens(self) -> int:
@@ -242,10 +248,6 @@ class FastVLMConfig:
     @property
     def image_token_index(self) -> int:
         return self.image_token_id
-
-    @property
-    def image_seq_length(self) -> int:
-        return self.vision.num_image_tokens
 
     @property
     def multimodal_projector_bias(self) -> bool:
@@ -278,8 +280,8 @@ def _from_hf(data: dict[str, Any]) -> FastVLMConfig:
     text = TextConfig.from_hf(text_data)
     # transformers forwards a tie flag set on either level to the whole model.
     text.tie_word_embeddings = bool(data.get("tie_word_embeddings") or text_data.get("tie_word_embeddings"))
-    image_size = _image_size_from(vision.get("pretrained_cfg", {}).get("input_size"), default=1024)
     check_vision_args(vision.get("model_args") or {})
+    image_size = _image_size_from(vision.get("pretrained_cfg", {}).get("input_size"), default=1024)
     tower = VisionConfig.from_timm_args(vision.get("model_args"), image_size)
     _check_width(vision.get("hidden_size"), tower, "vision_config.hidden_size")
     return FastVLMConfig(
@@ -291,6 +293,7 @@ def _from_hf(data: dict[str, Any]) -> FastVLMConfig:
         projector_hidden_act=data.get("projector_hidden_act", "gelu"),
         eos_token_id=text_data.get("eos_token_id", data.get("eos_token_id")),
         dtype=_dtype_name(data, text_data),
+        image_seq_length=int(data.get("image_seq_length") or 0),
     )
 
 
