@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from .config_rules import check_sliding_window, check_vision_args, rope_parameters
+from .config_rules import check_sliding_window, check_vision_args, check_width, dtype_name, rope_parameters
 from .errors import CheckpointError
 
 Format = Literal["fast_vlm", "llava_qwen2"]
@@ -283,7 +283,7 @@ def _from_hf(data: dict[str, Any]) -> FastVLMConfig:
     check_vision_args(vision.get("model_args") or {})
     image_size = _image_size_from(vision.get("pretrained_cfg", {}).get("input_size"), default=1024)
     tower = VisionConfig.from_timm_args(vision.get("model_args"), image_size)
-    _check_width(vision.get("hidden_size"), tower, "vision_config.hidden_size")
+    check_width(vision.get("hidden_size"), tower.num_features, "vision_config.hidden_size")
     return FastVLMConfig(
         vision=tower,
         text=text,
@@ -292,7 +292,7 @@ def _from_hf(data: dict[str, Any]) -> FastVLMConfig:
         projector_bias=bool(data.get("multimodal_projector_bias", True)),
         projector_hidden_act=data.get("projector_hidden_act", "gelu"),
         eos_token_id=text_data.get("eos_token_id", data.get("eos_token_id")),
-        dtype=_dtype_name(data, text_data),
+        dtype=dtype_name(data, text_data),
         image_seq_length=int(data.get("image_seq_length") or 0),
     )
 
@@ -310,32 +310,15 @@ def _from_apple(data: dict[str, Any]) -> FastVLMConfig:
     # argument names) describes a shrunk tower such as the ones tests build.
     check_vision_args(data.get("vision_model_args") or {})
     tower = VisionConfig.from_timm_args(data.get("vision_model_args"), int(match.group(1)))
-    _check_width(data.get("mm_hidden_size"), tower, "mm_hidden_size")
+    check_width(data.get("mm_hidden_size"), tower.num_features, "mm_hidden_size")
     return FastVLMConfig(
         vision=tower,
         text=text,
         format=APPLE_FORMAT,
         image_token_id=IMAGE_PLACEHOLDER_ID,
         eos_token_id=data.get("eos_token_id"),
-        dtype=_dtype_name(data, {}),
+        dtype=dtype_name(data, {}),
     )
-
-
-def _check_width(stated: Any, tower: VisionConfig, name: str) -> None:
-    """The projector's input width must be the tower's output width; say so before loading."""
-    if stated is not None and int(stated) != tower.num_features:
-        raise CheckpointError(
-            f"config.json: {name} is {stated} but the vision tower it describes gives {tower.num_features} "
-            "features (embed_dims[-1] * cls_ratio)"
-        )
-
-
-def _dtype_name(data: dict[str, Any], text_data: dict[str, Any]) -> str | None:
-    for source in (data, text_data):
-        for key in ("dtype", "torch_dtype"):
-            if isinstance(source.get(key), str):
-                return source[key]
-    return None
 
 
 def _image_size_from(input_size: Any, default: int) -> int:

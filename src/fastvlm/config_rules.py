@@ -113,3 +113,20 @@ def check_vision_args(args: dict[str, Any]) -> None:
         raise CheckpointError(f"vision config: model_args {unknown} are not supported")
     if args.get("fork_feat"):
         raise CheckpointError("vision config: fork_feat is not supported (FastVLM uses the final map only)")
+
+
+def check_width(stated: Any, num_features: int, name: str) -> None:
+    """The projector's input width must be the tower's output width; say so before loading."""
+    if stated is not None and int(stated) != num_features:
+        raise CheckpointError(
+            f"config.json: {name} is {stated} but the vision tower it describes gives {num_features} "
+            "features (embed_dims[-1] * cls_ratio)"
+        )
+
+
+def dtype_name(data: dict[str, Any], text_data: dict[str, Any]) -> str | None:
+    for source in (data, text_data):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(source.get(key), str):
+                return source[key]
+    return None
