@@ -344,3 +344,19 @@ def test_harmless_transformers_arguments_are_accepted(saved):
         folder, trust_remote_code=True, low_cpu_mem_usage=True, use_safetensors=True, progress=False
     )
     assert model.dtype == torch.float32
+
+
+def test_attention_kernels_are_speed_options(saved, batch):
+    # attn_implementation maps onto SpeedOptions(attention=..., vision_attention=...).
+    from fastvlm.errors import FastVLMError
+    from fastvlm.models.optimize import optimize
+
+    folder, ref = saved
+    model = FastVLM.from_pretrained(folder, dtype=torch.float32, progress=False, speed=SpeedOptions.off())
+    optimize(model, SpeedOptions(attention="eager", vision_attention="eager"))
+    assert model.vision_tower.stages[-1].blocks[0].token_mixer.implementation == "eager"
+    real = batch["attention_mask"].bool()
+    got, expected = model(**batch).logits[real], ref(**batch).logits[real]
+    assert rel_diff(got, expected) <= TOL
+    with pytest.raises(FastVLMError, match="'flash'"):
+        optimize(model, SpeedOptions(attention="flash"))
