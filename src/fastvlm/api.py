@@ -24,6 +24,7 @@ from .checkpoints.hub import DEFAULT_MODEL, hub_safetensors_headers, is_hub_id, 
 from .checkpoints.loader import apply_generation_config, weight_files
 from .checkpoints.safetensors_io import SafetensorsReader
 from .config import FastVLMConfig
+from .device import resolve_device, resolve_dtype
 from .errors import InputError
 from .generation.constraint_spec import OutputConstraint
 from .generation.engine import Engine, GenerationRequest, StreamEvent
@@ -194,8 +195,11 @@ def load(
     folder = resolve_checkpoint(model, revision=revision)
     # Plain first, then the same switches from_pretrained applies: anything that changes
     # the weights (such as merging an adapter) must see the modules as the checkpoint has them.
+    # The device-aware dtype ("auto" here is the best one for the device; from_pretrained's
+    # "auto" is the checkpoint's, as in transformers).
+    dev = resolve_device(device)
     net = FastVLM.from_pretrained(
-        folder, dtype=dtype, device=device, progress=progress, speed=SpeedOptions.off()
+        folder, dtype=resolve_dtype(dtype, dev), device=dev, progress=progress, speed=SpeedOptions.off()
     )
     if adapter is not None:
         merge_adapter(net, adapter)

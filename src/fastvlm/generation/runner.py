@@ -25,7 +25,7 @@ class ModelRunner:
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, S, S) pixels -> (n, N, H) projected features on the model device."""
-        return self.model.get_image_features(pixels)
+        return self.model.encode_images(pixels)
 
     @torch.inference_mode()
     def prefill(self, row: int, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
