@@ -305,6 +305,41 @@ TINY_PENALTY = {"temperature": 0.1, "seed": 1, "ignore_eos": True, "stream": Tru
         ({"temperature": "0.5"}, "temperature"),
         ({"temperature": True}, "temperature"),
         ({"n": "1"}, "n"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"-5": 1}}, "logit_bias"),
+        ({"logit_bias": {"10": 101}}, "logit_bias.10"),
+        ({"logit_bias": {"10": "1"}}, "logit_bias.10"),
+        ({"logit_bias": {"999999999": 1}}, "logit_bias"),  # past the vocabulary
+        ({"logit_bias": [1, 2]}, "logit_bias"),
+        ({"response_format": "json"}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"guided_json": "[1]"}, "guided_json"),
+        ({"guided_regex": ""}, "guided_regex"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_choice": ["a", ""]}, "guided_choice"),
+        ({"guided_choice": ["a"], "guided_regex": "a+"}, "guided_choice"),
+        ({"response_format": {"type": "json_object"}, "guided_json": {}}, "guided_json"),
         ({"stop": 5}, "stop"),
         ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ],
@@ -322,11 +357,6 @@ def test_numbers_keep_their_json_spelling(live):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("logit_bias", {"1234": 100}),
-        ("response_format", {"type": "json_object"}),
-        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", -1.0),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("tool_choice", "required"),
         ("functions", [{"name": "f"}]),
@@ -335,10 +365,10 @@ def test_numbers_keep_their_json_spelling(live):
         ("audio", {"voice": "alloy", "format": "wav"}),
         ("modalities", ["text", "audio"]),
         ("prediction", {"type": "content", "content": "x"}),
-        ("n", 2),
-        ("logprobs", True),
-        ("top_logprobs", 3),
         ("web_search_options", {}),
+        ("guided_grammar", "root ::= 'a'"),
+        ("guided_whitespace_pattern", " "),
+        ("structured_outputs", {"regex": "a+"}),
     ],
 )
 def test_fields_that_would_change_the_answer_are_refused_by_name(live, field, value):
@@ -362,7 +392,9 @@ def test_harmless_fields_are_accepted(live):
         "tools": [],
         "modalities": ["text"],
         "logprobs": False,
+        "top_logprobs": 0,
         "n": 1,
+        "guided_decoding_backend": "auto",
         "some_future_field": {"x": 1},
     }
     assert post(live.url, _request(**harmless)).status_code == 200

@@ -334,7 +334,7 @@ BAD_REQUESTS = {
     "bad role": (_request(messages=[{"role": "wizard", "content": "hi"}]), 400, None),
     "unknown part type": (_request(messages=[{"role": "user", "content": [{"type": "audio"}]}]), 400, None),
     "unknown model": (_request(model="gpt-9"), 404, "model_not_found"),
-    "n=2": (_request(n=2), 400, None),
+    "n=9": (_request(n=9), 400, None),
     "max_tokens 0": (_request(max_tokens=0), 400, None),
     "max_tokens huge": (_request(max_tokens=10**7), 400, None),
     "max_tokens not int": (_request(max_tokens="lots"), 400, None),

@@ -70,6 +70,8 @@ def create_app(
         images,
         _max_images(engine) if max_images is None else max_images,
         image_tokens=int(getattr(getattr(engine, "processor", None), "num_image_tokens", 0)),
+        vocab_size=_vocab_size(engine),
+        check_constraint=getattr(getattr(engine, "grammars", None), "compile", None),
     )
     state = ServerState(worker, policy)
 
@@ -130,6 +132,12 @@ def _max_images(engine) -> int:
     """The engine's own limit, so that the server refuses exactly what the engine would."""
     limits = getattr(engine, "limits", None)
     return int(getattr(limits, "max_images", MAX_IMAGES_PER_REQUEST))
+
+
+def _vocab_size(engine) -> int:
+    """The logits' width: the token ids a logit_bias may name (0 when unknown)."""
+    config = getattr(getattr(engine, "model", None), "config", None)
+    return int(getattr(getattr(config, "text", None), "vocab_size", 0) or 0)
 
 
 def _model_card(name: str, created: int) -> dict:

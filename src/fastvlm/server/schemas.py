@@ -6,9 +6,9 @@ tight enough that no value can turn the logits into NaN or overflow a seed. Whet
 the model can honour a request (context length, image limits) is decided later.
 Fields the API has but this server ignores because they change nothing in the answer
 (``user``, ``metadata``, ``store``, ...) are accepted and dropped so that stock
-clients work; fields that would change the answer (``tools``, ``logit_bias``,
-``response_format``, ``logprobs``, ``n`` > 1, ...) are declared here so that
-``translate`` can refuse them by name.
+clients work; fields that would change the answer but are not honoured (``tools``,
+``audio``, vLLM's ``guided_grammar``, ...) are declared here so that ``translate`` can
+refuse them by name: nothing that changes the answer is dropped silently.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ MAX_STOP_CHARS = 1024
 MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
 # Counted before pydantic validates the items: 200,000 messages would take seconds.
 MAX_MESSAGES = 1024  # and as many content parts in all
+MAX_CHOICES = 8  # n: each choice takes a batch row
+MAX_TOP_LOGPROBS = 20  # the OpenAI limit
+MAX_LOGIT_BIAS = 1024  # entries; each costs a scatter per step
+MAX_GUIDED_CHOICES = 1024
+BIAS = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]  # the OpenAI range
 
 
 class _Lenient(BaseModel):
@@ -58,6 +63,32 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute; clients send and see "schema".
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is enforced either way
+
+
+class TextFormat(_Lenient):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Lenient):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(_Lenient):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")
+]
+
+
 class ChatCompletionRequest(_Lenient):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -67,16 +98,17 @@ class ChatCompletionRequest(_Lenient):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=-MAX_SEED - 1, le=MAX_SEED)
     stop: str | list[str] | None = None
-    n: int | None = Field(default=None, ge=1, le=128)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # Change the answer; refused in translate unless set to their no-op value.
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    logit_bias: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Token ids as strings (JSON keys are strings), as OpenAI's clients send them.
+    logit_bias: dict[str, BIAS] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    response_format: ResponseFormat | None = None
+    # Refused in translate unless set to their no-op value.
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -86,6 +118,13 @@ class ChatCompletionRequest(_Lenient):
     prediction: Any = None
     web_search_options: Any = None
     # Extensions that vLLM and llama.cpp also accept.
+    guided_json: dict[str, Any] | str | None = None  # a JSON schema, or its JSON text
+    guided_regex: str | None = Field(default=None, min_length=1)
+    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=MAX_GUIDED_CHOICES)
+    guided_decoding_backend: str | None = None  # accepted; there is one backend
+    guided_grammar: Any = None  # refused: no context-free grammars
+    guided_whitespace_pattern: Any = None  # refused: JSON is always compact
+    structured_outputs: Any = None  # newer vLLM's form of the guided_* fields; refused
     top_k: int | None = Field(default=None, ge=0, le=1_000_000)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     # transformers' CTRL penalty divides (or multiplies) logits by this: far from 1 it

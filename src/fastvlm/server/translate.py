@@ -4,7 +4,9 @@ Everything the API promises to refuse with a 4xx is refused here, before the req
 takes a place in the queue: unknown model, options that would change the answer but
 are not honoured, bad token budgets, too much text or too many messages or images
 (all bounded before anything is tokenised), text that is not valid Unicode, bad or
-oversized images. Images become file bytes (see ``images``); the engine decodes them.
+oversized images, constraints the grammar compiler cannot enforce. Sampling and output
+options are ``decoding``'s, the answer's shape is ``constraints``'. Images become file
+bytes (see ``images``); the engine decodes them.
 The exact context-length check needs the tokenized prompt, so the engine does that
 one (``ContextLengthError`` -> 400); the character bound here keeps that tokenisation
 cheap.
@@ -16,12 +18,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx
 
 from ..errors import InputError
+from ..generation.constraint_spec import OutputConstraint
 from ..generation.request import GenerationRequest
-from ..generation.sampling import SamplingParams
 from ..processing.image_source import ImageLoadOptions
+from .constraints import compile_error, output_constraint
+from .decoding import output_options, sampling_params
 from .errors import APIError, from_input_error
 from .images import MAX_IMAGES_PER_REQUEST, MAX_REQUEST_IMAGE_BYTES, image_bytes, server_image_options
 from .schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, ChatCompletionRequest, Message
@@ -45,6 +50,10 @@ class Policy:
     max_images: int = MAX_IMAGES_PER_REQUEST
     max_image_bytes: int = MAX_REQUEST_IMAGE_BYTES  # all images of one request together
     image_tokens: int = 0  # context tokens each image takes, whatever its size (0: unknown)
+    vocab_size: int = 0  # token ids a logit_bias may name (0: unknown, the engine checks)
+    # The engine's grammar compiler (cached), to refuse a constraint it cannot enforce
+    # with the field's name; raises InputError. None: the engine's prepare refuses it.
+    check_constraint: Callable[[OutputConstraint], Any] | None = None
 
     @property
     def max_characters(self) -> int:
@@ -54,25 +63,6 @@ class Policy:
 # Fields the API has that would change the answer, with the values that change nothing
 # ("auto" tool choice without tools is no tool call; ``tools`` itself is refused).
 _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("n", lambda v: v in (None, 1), "Only n=1 is supported."),
-    ("logprobs", lambda v: not v, "logprobs are not supported by this server."),
-    ("top_logprobs", lambda v: not v, "top_logprobs are not supported by this server."),
-    ("logit_bias", lambda v: not v, "logit_bias is not supported by this server; leave it out."),
-    (
-        "response_format",
-        lambda v: v is None or v.get("type") == "text",
-        'response_format other than {"type": "text"} is not supported by this server.',
-    ),
-    (
-        "presence_penalty",
-        lambda v: not v,
-        "presence_penalty other than 0 is not supported; use repetition_penalty.",
-    ),
-    (
-        "frequency_penalty",
-        lambda v: not v,
-        "frequency_penalty other than 0 is not supported; use repetition_penalty.",
-    ),
     ("tools", lambda v: not v, "Tool calls are not supported by this server."),
     ("tool_choice", lambda v: v in (None, "none", "auto"), "Tool calls are not supported by this server."),
     ("functions", lambda v: not v, "Function calls are not supported by this server."),
@@ -85,6 +75,21 @@ _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("modalities", lambda v: v in (None, ["text"]), "Only the 'text' output modality is supported."),
     ("prediction", lambda v: v is None, "Predicted outputs are not supported by this server."),
     ("web_search_options", lambda v: v is None, "Web search is not supported by this server."),
+    (
+        "guided_grammar",
+        lambda v: v is None,
+        "guided_grammar is not supported; use guided_json, guided_regex, guided_choice or response_format.",
+    ),
+    (
+        "guided_whitespace_pattern",
+        lambda v: v is None,
+        "guided_whitespace_pattern is not supported: constrained JSON is always compact.",
+    ),
+    (
+        "structured_outputs",
+        lambda v: v is None,
+        "structured_outputs is not supported; use response_format or a guided_json/regex/choice field.",
+    ),
 ]
 
 
@@ -101,7 +106,9 @@ async def to_generation_request(
         )
     _refuse_unsupported(body)
     _check_text(body, policy)
-    max_new_tokens, sampling, stop = _max_new_tokens(body, policy), _sampling(body), _stop_strings(body)
+    max_new_tokens, stop = _max_new_tokens(body, policy), _stop_strings(body)
+    sampling, options = sampling_params(body, policy.vocab_size), output_options(body)
+    constraint = await _constraint(body, policy)
     _check_image_room(body, policy)
     # Images last: they cost the most to check.
     messages = [await _message(m, i, policy.images, http) for i, m in enumerate(body.messages)]
@@ -115,9 +122,22 @@ async def to_generation_request(
             stop_token_ids=[] if body.ignore_eos else None,
             # The server's default budget shrinks to fit a long prompt; an asked one does not.
             fit_to_context=body.requested_max_tokens()[0] is None,
+            constraint=constraint,
+            **options,
         )
     except InputError as exc:
         raise from_input_error(exc, param=None) from exc
+
+
+async def _constraint(body: ChatCompletionRequest, policy: Policy) -> OutputConstraint | None:
+    constraint, param = output_constraint(body)
+    if constraint is None or policy.check_constraint is None:
+        return constraint
+    try:  # compiling is CPU work: off the event loop
+        await anyio.to_thread.run_sync(policy.check_constraint, constraint)
+    except InputError as exc:
+        raise compile_error(exc, param) from exc
+    return constraint
 
 
 def _refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -234,21 +254,6 @@ def _stop_strings(body: ChatCompletionRequest) -> list[str]:
             code="invalid_value",
         )
     return stop
-
-
-def _sampling(body: ChatCompletionRequest) -> SamplingParams:
-    """OpenAI's defaults (temperature 1, top_p 1) where the request is silent."""
-    try:
-        return SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0,
-            min_p=body.min_p or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            seed=body.seed,
-        )
-    except InputError as exc:
-        raise from_input_error(exc, param=None) from exc
 
 
 def _check_image_bytes(messages: list[dict], policy: Policy) -> None:
