@@ -2,8 +2,10 @@
 
 The handler waits for the worker's verdict on the request (accepted, or refused with
 the engine's one-line reason) before it sends a status line, so a bad request gets a
-4xx even with ``stream: true``. A client that leaves cancels its request: the worker
-frees the slot at the next engine step.
+4xx even with ``stream: true``. A client that leaves cancels its request (all its
+choices): the worker frees the slot at the next engine step. With ``n`` choices the
+events of all of them arrive interleaved, each tagged with its choice's index; the
+answer is complete once every choice has finished.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from .errors import APIError, from_input_error
 from .responses import DONE, Completion, finish_reason, sse
 from .schemas import ChatCompletionRequest
+from .tickets import Failed, Rejected, Ticket
 from .translate import Policy, to_generation_request
-from .worker import EngineWorker, Failed, QueueFull, Rejected, Ticket
+from .worker import EngineWorker, QueueFull
 
 DISCONNECT_POLL_S = 1.0
 CLIENT_CLOSED = 499  # nginx's code for a request whose client left; never actually seen by it
@@ -73,8 +76,8 @@ def _failed(item: Failed) -> APIError:
 async def _collect(
     request: Request, ticket: Ticket, completion: Completion, worker: EngineWorker
 ) -> Response:
-    """Wait for the final event, cancelling the request if the client hangs up meanwhile."""
-    pending = asyncio.ensure_future(_final(ticket))
+    """Wait for every choice to finish, cancelling the request if the client hangs up meanwhile."""
+    pending = asyncio.ensure_future(_finished(ticket))
     try:
         while True:
             done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
@@ -86,36 +89,48 @@ async def _collect(
     finally:
         if not pending.done():
             pending.cancel()
-    item = pending.result()
-    if isinstance(item, Failed):
-        raise _failed(item)
-    return JSONResponse(completion.body(item.result))
+    outcome = pending.result()
+    if isinstance(outcome, Failed):
+        raise _failed(outcome)
+    return JSONResponse(completion.body(outcome))
 
 
-async def _final(ticket: Ticket):
+async def _finished(ticket: Ticket) -> list | Failed:
+    """The results of all the request's choices, or why it failed."""
+    results = []
     while True:
         item = await ticket.get()
-        if isinstance(item, Failed) or item.finished:
+        if isinstance(item, Failed):
             return item
+        if item.finished:
+            results.append(item.result)
+            if len(results) == ticket.choices:
+                return results
 
 
 async def _stream(ticket: Ticket, completion: Completion, include_usage: bool) -> AsyncIterator[bytes]:
-    yield sse(completion.chunk({"role": "assistant", "content": ""}, with_usage=include_usage))
+    def chunk(delta: dict, index: int, **kwargs) -> bytes:
+        return sse(completion.chunk(delta, index=index, with_usage=include_usage, **kwargs))
+
+    for index in range(ticket.choices):
+        yield chunk({"role": "assistant", "content": ""}, index)
+    results = []
     while True:
         item = await ticket.get()
         if isinstance(item, Failed):
             if item.text:
-                yield sse(completion.chunk({"content": item.text}, with_usage=include_usage))
+                yield chunk({"content": item.text}, item.index)
             yield sse(_failed(item).body())
             break
-        if item.text:
-            yield sse(completion.chunk({"content": item.text}, with_usage=include_usage))
+        if item.text or item.logprobs:
+            yield chunk({"content": item.text}, item.index, logprobs=item.logprobs)
         if item.finished:
-            reason = finish_reason(item.result.finish_reason)
-            yield sse(completion.chunk({}, reason, with_usage=include_usage))
-            if include_usage:
-                yield sse(completion.usage_chunk(item.result))
-            break
+            results.append(item.result)
+            yield chunk({}, item.index, reason=finish_reason(item.result.finish_reason))
+            if len(results) == ticket.choices:
+                if include_usage:
+                    yield sse(completion.usage_chunk(results))
+                break
     yield DONE
 
 

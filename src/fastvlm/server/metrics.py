@@ -81,15 +81,18 @@ class Metrics:
         with self._lock:
             self.peak_batch = max(self.peak_batch, batch)
 
-    def request_finished(self, result) -> None:
+    def request_finished(self, results: list) -> None:
+        """One request's results, one per choice: their prompt is counted once."""
+        first = min(results, key=lambda r: r.timings.queue_s + r.timings.ttft_s)
         with self._lock:
             self.outcomes["finished"] += 1
-            self.finish_reasons[result.finish_reason] += 1
-            self.prompt_tokens += result.usage.prompt_tokens
-            self.completion_tokens += result.usage.completion_tokens
-            if result.usage.completion_tokens:
-                self.ttft.observe(result.timings.queue_s + result.timings.ttft_s)
-            self.latency.observe(result.timings.total_s)
+            for result in results:
+                self.finish_reasons[result.finish_reason] += 1
+                self.completion_tokens += result.usage.completion_tokens
+            self.prompt_tokens += first.usage.prompt_tokens
+            if first.usage.completion_tokens:
+                self.ttft.observe(first.timings.queue_s + first.timings.ttft_s)
+            self.latency.observe(max(r.timings.total_s for r in results))
 
     def request_rejected(self) -> None:
         self._count("rejected")

@@ -10,8 +10,9 @@ milliseconds to seconds. So nothing on the event loop touches it: a handler
     -> engine thread: add_prepared / cancel -> engine.step -> post events
 
 so new requests join the running batch between decode steps (continuous batching).
-Every ticket gets exactly one final item (a finished event, ``Rejected`` or
-``Failed``) and gives its slot back then, in ``_close``. The worker never dies of an
+A request with ``n`` choices gets a finished event per choice; the last of them, or
+``Rejected``, or ``Failed`` (one failed choice fails the request and cancels the
+others) is the ticket's final item: it gives the slot back then, in ``_close``. The worker never dies of an
 engine error: it fails the affected requests, logs the traceback and keeps serving.
 It knows nothing about HTTP or tensors.
 """
@@ -23,13 +24,13 @@ import logging
 import queue
 import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ContextLengthError, FastVLMError
-from ..generation.engine import GenerationError
-from ..generation.sampling import NonFiniteLogitsError
+from ..errors import FastVLMError
 from .metrics import Metrics
+from .tickets import Accepted, Failed, Rejected, Ticket, failure
+
+__all__ = ["Accepted", "EngineWorker", "Failed", "QueueFull", "Rejected", "Ticket", "failure"]
 
 log = logging.getLogger("fastvlm.server")
 
@@ -43,66 +44,6 @@ class QueueFull(Exception):
 
 class _ShuttingDown(Exception):
     """A request arrived as the preparation pool closed."""
-
-
-@dataclass
-class Accepted:
-    request_id: str
-
-
-@dataclass
-class Rejected:
-    """Preparation refused the request (bad input: the handler answers 4xx)."""
-
-    error: FastVLMError
-
-
-@dataclass
-class Failed:
-    """The request could not be served; ``status`` is the HTTP status it maps to.
-
-    400: its content turned out unusable only while it ran; 503: model compute failed
-    (retry); 500: a bug of ours (the traceback is in the log).
-    """
-
-    message: str
-    status: int = 503
-    code: str = "engine_error"
-    text: str = ""  # what the request's last step produced before it failed (streams show it)
-
-
-@dataclass
-class Ticket:
-    """One request's mailbox: Accepted | Rejected | Failed first, then StreamEvents; the
-    last item is a finished event, Rejected or Failed."""
-
-    loop: asyncio.AbstractEventLoop
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    request_id: str | None = None
-    cancelled: bool = False  # the client left; worker thread only
-    closed: bool = False  # the final item was posted; worker thread only
-
-    def post(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.inbox.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown); nobody is listening
-            pass
-
-    async def get(self) -> Any:
-        return await self.inbox.get()
-
-
-def failure(error: BaseException) -> Failed:
-    """How a request's error reaches its client: the one mapping of errors to statuses."""
-    if isinstance(error, FastVLMError):
-        code = "context_length_exceeded" if isinstance(error, ContextLengthError) else "invalid_value"
-        return Failed(str(error), 400, code)
-    if isinstance(error, GenerationError):
-        return Failed("the engine failed while generating; please retry", 503, "engine_error")
-    if isinstance(error, NonFiniteLogitsError):  # a retry would only repeat it
-        message = "the model's scores for this request became NaN or infinite; try other sampling settings"
-        return Failed(message, 500, "non_finite_logits")
-    return Failed(f"internal error ({type(error).__name__}); see the server log", 500, "internal_error")
 
 
 class EngineWorker:
@@ -146,7 +87,7 @@ class EngineWorker:
             if self._active >= self.capacity or self._stopping.is_set():
                 raise QueueFull
             self._active += 1
-        ticket = Ticket(loop)
+        ticket = Ticket(loop, choices=request.n)
         try:
             future = self._pool.submit(self.engine.prepare, request)
         except RuntimeError:  # the pool is shut down
@@ -265,18 +206,32 @@ class EngineWorker:
                 continue
             if not event.finished:
                 ticket.post(event)
-                continue
-            del self._tickets[event.request_id]
-            if event.error is None:
+            elif event.error is not None:
+                self._choice_failed(ticket, event)
+            else:
+                ticket.results.append(event.result)
+                if len(ticket.results) < ticket.choices:
+                    ticket.post(event)
+                    continue
+                del self._tickets[event.request_id]
                 self._close(ticket, event)
-                self.metrics.request_finished(event.result)
-                continue
-            answer = failure(event.error)
-            if answer.status >= 500:
-                log.error("request %s failed", event.request_id, exc_info=event.error)
-            answer.text = event.text
-            self._close(ticket, answer)
-            self.metrics.request_failed()
+                self.metrics.request_finished(ticket.results)
+
+    def _choice_failed(self, ticket: Ticket, event) -> None:
+        """One failed choice fails its request: the other choices are cancelled."""
+        del self._tickets[event.request_id]
+        if len(ticket.results) + 1 < ticket.choices:
+            try:
+                self.engine.cancel(event.request_id)
+            except Exception:
+                log.exception("engine.cancel failed")
+        answer = failure(event.error)
+        if answer.status >= 500:
+            log.error("request %s failed", event.request_id, exc_info=event.error)
+        answer.text = event.text
+        answer.index = event.index
+        self._close(ticket, answer)
+        self.metrics.request_failed()
 
     def _fail_all(self, answer: Failed) -> None:
         for request_id in list(self._tickets):
