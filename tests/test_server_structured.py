@@ -323,3 +323,30 @@ def test_logit_bias_forces_a_token(client, tiny):
     assert all(e.logprob > -1e-3 for e in reply.choices[0].logprobs.content)
     banned = ask(client, temperature=0, max_tokens=4, logit_bias={str(token): -100})
     assert "Yes" not in banned.choices[0].message.content
+
+
+def test_a_failed_choice_fails_the_request_and_cancels_the_others(tiny, monkeypatch):
+    engine = Engine(*tiny, max_batch=4)
+    decode = engine.runner.decode
+
+    def poisoned(tokens, lengths):
+        logits = decode(tokens, lengths).clone()  # (B, V)
+        logits[0, 7] = float("nan")  # row 0: one of the choices
+        return logits
+
+    monkeypatch.setattr(engine.runner, "decode", poisoned)
+    body = {"model": MODEL, "messages": QUESTION, "n": 3, "max_tokens": 200, "ignore_eos": True}
+    with serve(*tiny, engine=engine) as server:
+        url = f"{server.url}/v1/chat/completions"
+        response = httpx.post(url, json=body, timeout=TIMEOUT)
+        assert response.status_code == 500 and response.json()["error"]["code"] == "non_finite_logits"
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=TIMEOUT) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert '"non_finite_logits"' in events[-2] and events[-1] == "[DONE]"
+        assert wait_until(lambda: metrics(server.url)["fastvlm_running_requests"] == 0)
+        assert wait_until(lambda: metrics(server.url)["fastvlm_queue_length"] == 0)
+        monkeypatch.undo()
+        assert (
+            server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, n=3).choices
+        )
+        assert not engine.has_work

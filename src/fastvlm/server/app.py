@@ -29,7 +29,7 @@ from .errors import APIError, install_error_handlers
 from .images import MAX_IMAGES_PER_REQUEST, server_image_options
 from .metrics import Metrics
 from .middleware import BODY_TIMEOUT_S, Guard
-from .schemas import ChatCompletionRequest
+from .schemas import MAX_CHOICES, ChatCompletionRequest
 from .translate import Policy
 from .worker import EngineWorker
 
@@ -71,6 +71,7 @@ def create_app(
         _max_images(engine) if max_images is None else max_images,
         image_tokens=int(getattr(getattr(engine, "processor", None), "num_image_tokens", 0)),
         vocab_size=_vocab_size(engine),
+        max_choices=min(MAX_CHOICES, int(getattr(engine, "max_batch", 1))),
         check_constraint=getattr(getattr(engine, "grammars", None), "compile", None),
     )
     state = ServerState(worker, policy)

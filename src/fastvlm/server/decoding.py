@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..errors import InputError
 from ..generation.sampling import SamplingParams
 from .errors import APIError, from_input_error
-from .schemas import ChatCompletionRequest
+from .schemas import MAX_CHOICES, ChatCompletionRequest
 
 
 def sampling_params(body: ChatCompletionRequest, vocab_size: int = 0) -> SamplingParams:
@@ -58,8 +58,16 @@ def logit_bias(body: ChatCompletionRequest, vocab_size: int = 0) -> dict[int, fl
     return out
 
 
-def output_options(body: ChatCompletionRequest) -> dict:
-    """The ``GenerationRequest`` fields for ``logprobs``, ``top_logprobs`` and ``n``."""
+def output_options(body: ChatCompletionRequest, max_choices: int = MAX_CHOICES) -> dict:
+    """The ``GenerationRequest`` fields for ``logprobs``, ``top_logprobs`` and ``n``
+    (each choice takes a batch row: at most ``max_choices``)."""
+    if (body.n or 1) > max_choices:
+        raise APIError(
+            400,
+            f"'n' is {body.n}; this server decodes at most {max_choices} choices at once (its batch size).",
+            param="n",
+            code="invalid_value",
+        )
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise APIError(

@@ -29,7 +29,7 @@ from .constraints import compile_error, output_constraint
 from .decoding import output_options, sampling_params
 from .errors import APIError, from_input_error
 from .images import MAX_IMAGES_PER_REQUEST, MAX_REQUEST_IMAGE_BYTES, image_bytes, server_image_options
-from .schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, ChatCompletionRequest, Message
+from .schemas import MAX_CHOICES, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, ChatCompletionRequest, Message
 
 _ROLES = {"developer": "system"}  # the newer name for a system message
 
@@ -51,6 +51,7 @@ class Policy:
     max_image_bytes: int = MAX_REQUEST_IMAGE_BYTES  # all images of one request together
     image_tokens: int = 0  # context tokens each image takes, whatever its size (0: unknown)
     vocab_size: int = 0  # token ids a logit_bias may name (0: unknown, the engine checks)
+    max_choices: int = MAX_CHOICES  # n: each choice takes one of the engine's batch rows
     # The engine's grammar compiler (cached), to refuse a constraint it cannot enforce
     # with the field's name; raises InputError. None: the engine's prepare refuses it.
     check_constraint: Callable[[OutputConstraint], Any] | None = None
@@ -107,7 +108,8 @@ async def to_generation_request(
     _refuse_unsupported(body)
     _check_text(body, policy)
     max_new_tokens, stop = _max_new_tokens(body, policy), _stop_strings(body)
-    sampling, options = sampling_params(body, policy.vocab_size), output_options(body)
+    sampling = sampling_params(body, policy.vocab_size)
+    options = output_options(body, policy.max_choices)
     constraint = await _constraint(body, policy)
     _check_image_room(body, policy)
     # Images last: they cost the most to check.
