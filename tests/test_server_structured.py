@@ -152,6 +152,18 @@ def test_guided_choice_and_regex(client):
     assert all(re.fullmatch(pattern, text) for text in completed(replies))
 
 
+def test_a_streamed_constrained_answer_is_the_same(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": NESTED}}
+    whole = ask(client, response_format=fmt, seed=3, n=2)
+    texts, reasons = ["", ""], ["", ""]
+    for chunk in ask(client, response_format=fmt, seed=3, n=2, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert reasons == [c.finish_reason for c in whole.choices]
+
+
 def test_text_format_is_free_text(client):
     free = ask(client, temperature=0, max_tokens=8)
     text = ask(client, temperature=0, max_tokens=8, response_format={"type": "text"})
