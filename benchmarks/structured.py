@@ -130,13 +130,17 @@ def one_time_costs(engine, constraint) -> dict[str, float]:
     }
 
 
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="0.5b", help="0.5b, 1.5b, 7b or tiny")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
-    parser.add_argument("--new-tokens", type=int, default=160, help="budget of a constrained answer")
+    parser.add_argument("--new-tokens", type=int, default=96, help="budget of a constrained answer")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = parser.parse_args()
@@ -147,8 +151,10 @@ def main() -> int:
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     torch.set_grad_enabled(False)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         model, processor = build(args.size, dtype, torch.device(args.device), Path(scratch))
+    log(f"built the model in {time.perf_counter() - started:.0f} s")
     engine = Engine(model, processor, max_batch=args.batch, max_seq_len=512)
     constraint = OutputConstraint.json_schema(RECEIPT)
     once = one_time_costs(engine, constraint)
@@ -159,10 +165,13 @@ def main() -> int:
     # Every timed run decodes exactly n tokens per row (the seeds repeat the pilot, so no
     # constrained row completes sooner): the batch stays full and both sides do equal work.
     n = min(tokens)
+    log(f"pilot: {tokens} tokens, {ms_per_token(pilot):.1f} ms/token")
     timings: dict[str, list[float]] = {"json_schema": [], "free": []}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         timings["json_schema"].append(ms_per_token(engine.generate(requests(args.batch, n, constraint))))
         timings["free"].append(ms_per_token(engine.generate(requests(args.batch, n, None))))
+        latest = {name: f"{values[-1]:.2f}" for name, values in timings.items()}
+        log(f"repeat {repeat}: ms/token {latest}")
     free, guided = min(timings["free"]), min(timings["json_schema"])
     overhead = guided / free - 1
     print(f"{args.size} {args.dtype} on {args.device}, batch {args.batch}, threads {torch.get_num_threads()}")
