@@ -283,3 +283,18 @@ def test_api_refuses_bad_constraints_before_any_work(vlm):
     with pytest.raises(InputError, match="lookarounds not supported"):
         vlm.ask(None, "Hi", regex=r"\bword")
     assert not vlm.engine.has_work
+
+
+def test_apply_allowed_is_exact_and_leaves_free_rows_alone():
+    import torch
+
+    from fastvlm.generation.sampling import apply_allowed
+
+    scores = torch.randn(3, 50)
+    mask = torch.rand(50) < 0.3
+    out = apply_allowed(scores, [mask, None, ~mask])
+    assert torch.equal(out[0], scores[0].masked_fill(~mask, float("-inf")))
+    assert torch.equal(out[1], scores[1])
+    assert torch.equal(out[2], scores[2].masked_fill(mask, float("-inf")))
+    both = apply_allowed(scores[:2], [mask, mask])
+    assert torch.equal(both, scores[:2].masked_fill(~mask, float("-inf")))

@@ -150,6 +150,10 @@ class GrammarCompiler:
                 f"cannot enforce this {_what(constraint)}: {_first_line([prototype.get_error()])}"
             )
         space = TokenSpace(self.vocab_size, -(-tokenizer.vocab_size // 32), self.eos_ids)
+        # The first mask builds the lexer's start states; build them here, off the engine's
+        # thread, once for every copy (computing a mask does not advance the matcher).
+        scratch = np.zeros(space.mask_words, dtype=np.int32)
+        prototype.unsafe_compute_mask_ptr(scratch.ctypes.data, scratch.nbytes)
         return CompiledGrammar(prototype, space)
 
     def _ll(self):
