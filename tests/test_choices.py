@@ -156,7 +156,9 @@ def test_python_api_options(tiny_checkpoint_dir):
     assert not isinstance(batch[0], list) and [r.index for r in batch[1]] == [0, 1]
     with pytest.raises(InputError, match="ask returns text only"):
         vlm.ask(IMAGE, "Hi.", logprobs=True)
-    with pytest.raises(InputError, match="for n > 1 use stream_events"):
+    with pytest.raises(InputError, match=r"for n > 1 call chat\(..., stream=True\)"):
         vlm.ask(IMAGE, "Hi.", n=2, stream=True)
+    events = list(vlm.chat(messages(), n=2, stream=True, max_new_tokens=3))
+    assert sorted(e.index for e in events if e.finished) == [0, 1]
     with pytest.raises(InputError, match="frequency_penalty must be in"):
         vlm.chat(messages(), frequency_penalty=3)

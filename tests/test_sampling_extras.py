@@ -106,6 +106,14 @@ def test_frequency_penalty_counts_generated_tokens_only(engine):
     assert run(engine, 1, presence_penalty=2.0, frequency_penalty=2.0).token_ids == first
 
 
+def test_any_non_finite_score_fails_its_row_alone():
+    logits = torch.randn(4, 50)  # (B, V)
+    logits[0, 3], logits[1, 7], logits[2, 9] = float("nan"), float("inf"), float("-inf")
+    for params in ([SamplingParams()] * 4, [SamplingParams(temperature=1.0)] * 4):
+        tokens, failed, _ = sample_rows(logits, params, [None] * 4, [None] * 4)
+        assert sorted(failed) == [0, 1, 2] and tokens[:3] == [-1] * 3 and 0 <= tokens[3] < 50
+
+
 # ---- logit_bias ------------------------------------------------------------------------
 
 

@@ -110,6 +110,8 @@ class VLM:
         if options.get("logprobs"):
             raise InputError("ask returns text only; call chat(...) for results with logprobs")
         request = build_request(image_message(image, prompt), **options)
+        if stream and request.n > 1:
+            raise InputError("ask(stream=True) streams one answer; for n > 1 call chat(..., stream=True)")
         if stream:
             return self.stream(request)
         result = self.generate(request)

@@ -29,9 +29,10 @@ from .scores import (
     RowLogprobs,
     apply_logit_bias,
     apply_presence_frequency,
+    batch_logprobs,
     check_penalty,
+    logprob_temperature,
     normalize_logit_bias,
-    row_logprobs,
 )
 
 # Sane ranges. Outside them the scores overflow or underflow float32 within a few
@@ -157,7 +158,7 @@ def sample_next(
     probs = filter_logits(scores, p).softmax(-1)
     # Checked here, not left to multinomial: on CUDA a bad distribution is a device
     # assert that breaks every later step, not an exception.
-    if not bool(torch.isfinite(probs).all()):
+    if not bool(probs.sum().isfinite()):  # entries in [0, 1]: the sum is finite iff all are
         raise NonFiniteLogitsError("the sampling distribution holds NaN or inf")
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -206,42 +207,63 @@ def sample_rows(
     log-probabilities of the rows that asked. A row whose scores are not finite, or
     whose sampling raised, fails alone.
 
-    Rows that are greedy without bias, penalties or logprobs share one batched argmax,
-    so an all-greedy batch costs one device sync. Every other row goes through
+    Rows that are greedy without bias or penalties share one batched argmax, so an
+    all-greedy batch costs one device sync. Every other row goes through
     ``sample_next``, which makes a row's token independent of its batch neighbours.
     """
     B = len(params)
     counts = counts or [None] * B
-    top_logprobs = top_logprobs or [None] * B
     scores = logits.float()
-    # The finiteness check reads the model's scores, before the mask adds its -inf.
+    # A row's sum is NaN or inf iff one of its scores is (finite logits would need a mean
+    # over 1e33 to overflow it), and on CPU it is ~30x cheaper than isfinite().all().
+    # It reads the model's scores, before the mask adds its -inf.
+    finite_rows = scores.sum(-1).isfinite()  # (B,)
     masked = scores if allowed is None else apply_allowed(scores, allowed)
-    both = torch.stack([masked.argmax(-1), torch.isfinite(scores).all(-1).long()])  # (2, B): one sync
+    both = torch.stack([masked.argmax(-1), finite_rows.long()])  # (2, B): one sync
     picked, finite = both.tolist()
     failed: dict[int, Exception] = {}
-    logprobs: dict[int, RowLogprobs] = {}
     for b, p in enumerate(params):
         row = logits[b] if allowed is None or allowed[b] is None else masked[b]
         try:
             if not finite[b]:
                 raise NonFiniteLogitsError("the model's scores for this request hold NaN or inf")
-            if _own_pass(p, seen[b], counts[b]) or top_logprobs[b] is not None:
+            if _own_pass(p, seen[b], counts[b]):
                 picked[b] = sample_next(row, p, generators[b], seen[b], counts[b])
-            if top_logprobs[b] is not None:
-                logprobs[b] = _logprobs(row, p, seen[b], counts[b], picked[b], top_logprobs[b])
         except Exception as exc:  # this row's failure must not end its neighbours
             picked[b], failed[b] = -1, exc
-            logprobs.pop(b, None)
+    wanted = {b: k for b, k in enumerate(top_logprobs or []) if k is not None and b not in failed}
+    # ``masked``: float32 scores with each constrained row's mask, which logprobs report after.
+    logprobs = _logprobs(masked, params, seen, counts, picked, wanted, failed) if wanted else {}
     return picked, failed, logprobs
 
 
 def _logprobs(
     logits: torch.Tensor,
-    p: SamplingParams,
-    seen: torch.Tensor | None,
-    counts: torch.Tensor | None,
-    token: int,
-    k: int,
-) -> RowLogprobs:
-    """What ``logprobs`` report for one row: its scores again (only rows that ask pay)."""
-    return row_logprobs(row_scores(logits, p, seen, counts), p.temperature, token, k)
+    params: list[SamplingParams],
+    seen: list[torch.Tensor | None],
+    counts: list[torch.Tensor | None],
+    picked: list[int],
+    wanted: dict[int, int],
+    failed: dict[int, Exception],
+) -> dict[int, RowLogprobs]:
+    """What ``logprobs`` report for rows ``wanted`` (row -> top count), all in one batch.
+
+    A row's processed scores are computed again here, so only rows that ask pay.
+    """
+    rows, scaled = [], []
+    for b in wanted:
+        try:
+            temperature = logprob_temperature(params[b].temperature)
+            scaled.append(row_scores(logits[b], params[b], seen[b], counts[b]) / temperature)  # (V,)
+            rows.append(b)
+        except Exception as exc:  # as in sampling: this row fails alone
+            picked[b], failed[b] = -1, exc
+    if not rows:
+        return {}
+    try:
+        found = batch_logprobs(torch.stack(scaled), [picked[b] for b in rows], [wanted[b] for b in rows])
+    except Exception as exc:
+        for b in rows:
+            picked[b], failed[b] = -1, exc
+        return {}
+    return dict(zip(rows, found, strict=True))

@@ -103,14 +103,22 @@ def logprob_temperature(temperature: float) -> float:
     return temperature if temperature >= 1e-5 else 1.0
 
 
-def row_logprobs(scores: torch.Tensor, temperature: float, token: int, k: int) -> RowLogprobs:
-    """Log-softmax of processed ``scores`` (V,) at ``temperature``, before any truncation.
+def batch_logprobs(scaled: torch.Tensor, tokens: list[int], ks: list[int]) -> list[RowLogprobs]:
+    """Log-softmax of R rows of processed, temperature-scaled scores (R, V), before any
+    truncation: each row's chosen token and its ``ks[r]`` best, with one device sync.
 
-    Entries at -inf (masked tokens) are left out of the top list: they were never possible.
+    Entries at -inf (masked tokens) are left out of the top lists: they were never possible.
     """
-    logp = (scores.float() / logprob_temperature(temperature)).log_softmax(-1)  # (V,)
-    values, ids = logp.topk(k)  # (k,) each, best first
-    # One device sync for all of it; float64 holds every id (< 2**53) exactly.
-    flat = torch.cat([logp[token].view(1).double(), values.double(), ids.double()]).tolist()
-    top = [(int(i), v) for v, i in zip(flat[1 : 1 + k], flat[1 + k :], strict=True) if v != -math.inf]
-    return RowLogprobs(token, flat[0], [i for i, _ in top], [v for _, v in top])
+    R, k = scaled.shape[0], max(ks)
+    logp = scaled.float().log_softmax(-1)  # (R, V)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])  # (R, 1)
+    values, ids = logp.topk(k)  # (R, k) each, best first
+    # float64 holds every id (< 2**53) exactly, so one tensor carries it all: (R, 1 + 2k).
+    flat = torch.cat([chosen.double(), values.double(), ids.double()], dim=-1).tolist()
+    out = []
+    for r in range(R):
+        row = flat[r]
+        top = [(int(i), v) for v, i in zip(row[1 : 1 + ks[r]], row[1 + k : 1 + k + ks[r]], strict=True)]
+        top = [(i, v) for i, v in top if v != -math.inf]
+        out.append(RowLogprobs(tokens[r], row[0], [i for i, _ in top], [v for _, v in top]))
+    return out
