@@ -16,6 +16,8 @@ import os
 import torch
 
 from .checkpoints.loader import load_model
+from .checkpoints.writer import DEFAULT_MAX_SHARD_SIZE, save_model
+from .generation.generation_config import checkpoint_generation_config
 from .generation.simple import generate
 from .models.fastvlm import FastVLMCore
 from .models.optimize import SpeedOptions, optimize
@@ -43,6 +45,18 @@ class FastVLM(FastVLMCore):
             src, model_class=cls, dtype=dtype, device=device, revision=revision, progress=progress
         )
         return optimize(model, SpeedOptions() if speed is None else speed)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    ) -> None:
+        """Write a transformers ``fast_vlm`` checkpoint (config.json, safetensors weights,
+        generation_config.json) that ``FastVlmForConditionalGeneration.from_pretrained``
+        and ``FastVLM.from_pretrained`` load, whichever format this model came from.
+
+        Speed switches are undone in the files; int8/int4 models are refused.
+        """
+        defaults = {k: v for k, v in checkpoint_generation_config(self).to_dict().items() if v is not None}
+        save_model(self, save_directory, max_shard_size=max_shard_size, generation=defaults)
 
     @torch.inference_mode()
     def generate(

@@ -25,6 +25,7 @@ from .constants import DEFAULT_MAX_IMAGE_PIXELS
 from .image_transforms import ImageSettings, normalize_pixels, resize_and_crop
 from .images import ImageLoadOptions, ImageSource, load_rgb_image
 from .messages import ImageRef, ParsedConversation, is_batch, parse_conversation
+from .processor_files import save_processor
 from .settings import ProcessorSettings, load_settings
 from .text_options import (
     RenderOptions,
@@ -80,6 +81,11 @@ class FastVLMProcessor:
             max_pixels=max_image_pixels,
         )
         return cls(tokenizer, settings, options)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
+        """Write the tokenizer, chat template and image settings as transformers'
+        LlavaProcessor saves them (``AutoProcessor`` loads the folder); returns the files."""
+        return save_processor(self.tokenizer, self.settings, save_directory)
 
     # -- what the model needs to know ------------------------------------------------
 
