@@ -161,7 +161,11 @@ def timm_model_args(vision: VisionConfig) -> dict[str, Any]:
     """Arguments for timm's ``fastvit_mci3``: the sizes, and every other setting that differs
     from its defaults. The weights are always the fused (``inference_mode``) ones."""
     default = VisionConfig()
+    # JSON cannot carry timm's RepCPE factory: the default layout is left out, "none" is all nulls.
+    no_pos_embs = all(k is None for k in vision.pos_embs)
     for name in ("pos_embs", "head_dim", "norm_eps"):
+        if name == "pos_embs" and no_pos_embs:
+            continue
         if getattr(vision, name) != getattr(default, name):
             raise CheckpointError(
                 f"the vision tower's {name} ({getattr(vision, name)}) is not fastvit_mci3's and cannot be "
@@ -177,6 +181,8 @@ def timm_model_args(vision: VisionConfig) -> dict[str, Any]:
         value = getattr(vision, name)
         if value != getattr(default, name):
             args[name] = list(value) if isinstance(value, tuple) else value
+    if no_pos_embs:
+        args["pos_embs"] = [None] * len(vision.layers)
     if not vision.layer_scale:
         args["layer_scale_init_value"] = None
     return args

@@ -96,6 +96,16 @@ class MinLength:
         return out
 
 
+class InfNanRemove:
+    """NaN -> 0 and +/-inf -> the dtype's largest/smallest finite value (``remove_invalid_values``)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        finfo = torch.finfo(scores.dtype)
+        out = torch.where(scores.isnan(), 0.0, scores)
+        out = torch.where(scores == float("inf"), finfo.max, out)
+        return torch.where(scores == NEG_INF, finfo.min, out)
+
+
 class Temperature:
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature
@@ -168,6 +178,8 @@ def build_processors(
         out.append(NoBadWords(cfg.bad_words_ids, eos_ids))
     if cfg.min_length and eos_ids:
         out.append(MinLength(cfg.min_length, eos_ids))
+    if cfg.remove_invalid_values:
+        out.append(InfNanRemove())
     out.extend(custom)
     if cfg.do_sample:
         # Beam sampling keeps one more candidate than there are stop ids, as transformers does.
