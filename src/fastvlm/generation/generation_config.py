@@ -117,6 +117,7 @@ _UNSUPPORTED_OFF: dict[str, Any] = {
     "num_beam_groups": 1,
     "diversity_penalty": 0.0,
     "penalty_alpha": None,
+    "dola_layers": None,  # transformers runs DoLa as hub code (transformers-community/dola)
     "typical_p": 1.0,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
@@ -164,7 +165,6 @@ _BOOKKEEPING = {
     "assistant_lookbehind",
     "target_lookbehind",
     "assistant_early_exit",
-    "dola_layers",
     "token_healing",
     "disable_compile",
     "trust_remote_code",

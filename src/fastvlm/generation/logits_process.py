@@ -29,8 +29,10 @@ class RepetitionPenalty:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         V = scores.shape[-1]
         if self.pad_lengths is not None:
+            pads = self.pad_lengths  # (B,), while beams and returned copies make B * n adjacent rows
+            pads = pads.repeat_interleave(input_ids.shape[0] // pads.shape[0])
             cols = torch.arange(input_ids.shape[1], device=input_ids.device)
-            input_ids = input_ids.masked_fill(cols[None] < self.pad_lengths[:, None], V)
+            input_ids = input_ids.masked_fill(cols[None] < pads[:, None], V)
         ids = input_ids.clamp(max=V)
         padded = torch.nn.functional.pad(scores, (0, 1))  # (B, V + 1): column V absorbs ignored ids
         picked = padded.gather(1, ids)
