@@ -129,7 +129,7 @@ def hf_config(config: FastVLMConfig, dtype: torch.dtype) -> dict[str, Any]:
         "image_token_index": int(config.image_token_id),
         "image_seq_length": int(config.num_image_tokens),
         "multimodal_projector_bias": bool(config.projector_bias),
-        "projector_hidden_act": "gelu",
+        "projector_hidden_act": getattr(config, "projector_hidden_act", "gelu"),
         "tie_word_embeddings": tied,
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "full",
@@ -145,13 +145,14 @@ def hf_config(config: FastVLMConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _text_config(config: FastVLMConfig) -> dict[str, Any]:
-    # Our field names are Qwen2Config's, except that rope_theta lives in rope_parameters.
+    # Our field names are Qwen2Config's; transformers 5 keeps rope_theta in rope_parameters.
     text = asdict(config.text)
     theta = text.pop("rope_theta")
+    rope = text.pop("rope_parameters", None) or {"rope_type": "default", "rope_theta": theta}
     return {
-        "model_type": "qwen2",
         **text,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "model_type": "qwen2",
+        "rope_parameters": rope,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
     }
