@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from ..checkpoints.hub import resolve_checkpoint
 from ..config import Format, detect_format
 from ..errors import ContextLengthError, InputError
 from .batch import BatchInputs, MultiModalData, pixels_as
+from .call_options import parse_call_options
 from .chat_template import render_chat_template
 from .constants import DEFAULT_MAX_IMAGE_PIXELS
 from .image_transforms import ImageSettings, normalize_pixels, resize_and_crop
@@ -118,6 +120,17 @@ class FastVLMProcessor:
     def chat_template(self) -> str:
         return self.settings.chat_template
 
+    @chat_template.setter
+    def chat_template(self, template: str) -> None:
+        if not isinstance(template, str):
+            raise InputError(f"chat_template must be a string, not {type(template).__name__}")
+        self.settings = replace(self.settings, chat_template=template)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """The keys a call returns (with images), as transformers' processors list them."""
+        return ["input_ids", "attention_mask", "pixel_values"]
+
     @property
     def image_settings(self) -> ImageSettings:
         return self.settings.image
@@ -180,26 +193,25 @@ class FastVLMProcessor:
         self,
         images: ImageSource | Sequence[Any] | None = None,
         text: str | Sequence[str] | None = None,
-        *,
-        return_tensors: str | None = "pt",
-        padding: Padding = True,
-        truncation: Truncation = False,
-        max_length: int | None = None,
-        add_special_tokens: bool = True,
-        max_new_tokens: int = 0,
-        check_length: bool = True,
+        **kwargs: Any,
     ) -> BatchInputs:
         """Like LlavaProcessor: ``text`` holds one ``<image>`` marker per image, in order.
 
-        ``truncation`` with ``max_length`` cuts prompts (on ``tokenizer.truncation_side``)
-        but, as in transformers, refuses a cut through image placeholders.
+        Options, flat or grouped as transformers takes them (``text_kwargs``,
+        ``images_kwargs``, ``common_kwargs``): ``return_tensors`` ("pt", "np" or None),
+        ``padding``, ``truncation``, ``max_length``, ``add_special_tokens``; the image
+        steps after resizing (``do_rescale``, ``rescale_factor``, ``do_normalize``,
+        ``image_mean``, ``image_std``); and ours, ``max_new_tokens`` with ``check_length``
+        (the context-length check). ``truncation`` cuts prompts on
+        ``tokenizer.truncation_side`` but, as in transformers, never through image placeholders.
         """
+        options = parse_call_options(kwargs, self.settings.image)
         refs = [ImageRef(src, f"image {i}") for i, src in enumerate(_flatten_images(images))]
         if text is None:
             if not refs:
                 raise InputError("pass text, images or both")
-            pixels = self.preprocess_images([r.source for r in refs])
-            return BatchInputs(pixel_values=pixels_as(pixels, return_tensors))
+            pixels = self._pixels(refs, settings=options.image)
+            return BatchInputs(pixel_values=pixels_as(pixels, options.text.return_tensors))
         prompts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(p, str) for p in prompts):
             raise InputError("text must be a string or a list of strings")
@@ -210,8 +222,10 @@ class FastVLMProcessor:
                 "put one marker per image"
             )
         batched = not isinstance(text, str)
-        options = TextOptions(return_tensors, padding, truncation, max_length, add_special_tokens)
-        return self._build(prompts, refs, batched, options, max_new_tokens, check_length)
+        return self._build(
+            prompts, refs, batched, options.text, options.max_new_tokens, options.check_length,
+            image=options.image,
+        )  # fmt: skip
 
     def _get_num_multimodal_tokens(
         self, image_sizes: Sequence[Any] | None = None, **kwargs: Any
@@ -288,6 +302,7 @@ class FastVLMProcessor:
         max_new_tokens: int,
         check_length: bool,
         uint8_pixels: bool = False,
+        image: ImageSettings | None = None,
     ) -> BatchInputs:
         sequences = [self.encode_prompt(p) for p in prompts]
         if text.add_special_tokens:  # what the tokenizer adds around any text (nothing for Qwen2)
@@ -306,10 +321,13 @@ class FastVLMProcessor:
         )
         out = BatchInputs(input_ids=input_ids, attention_mask=attention_mask)
         if refs:
-            out["pixel_values"] = pixels_as(self._pixels(refs, uint8_pixels), text.return_tensors)
+            pixels = self._pixels(refs, uint8_pixels, image)
+            out["pixel_values"] = pixels_as(pixels, text.return_tensors)
         return out
 
-    def _pixels(self, refs: list[ImageRef], uint8_pixels: bool = False) -> torch.Tensor:
+    def _pixels(
+        self, refs: list[ImageRef], uint8_pixels: bool = False, settings: ImageSettings | None = None
+    ) -> torch.Tensor:
         tensors = []
         for ref in refs:
             if ref.source is None:
@@ -322,7 +340,7 @@ class FastVLMProcessor:
             height, width = self.settings.image.output_size
             return torch.empty(0, 3, height, width, dtype=torch.uint8 if uint8_pixels else torch.float32)
         pixels = torch.stack(tensors)  # (N, 3, H, W) uint8
-        return pixels if uint8_pixels else self.normalize_pixels(pixels)
+        return pixels if uint8_pixels else normalize_pixels(pixels, settings or self.settings.image)
 
     def __repr__(self) -> str:
         return (
