@@ -353,3 +353,49 @@ def test_chat_template_jinja_kwargs(ours, ref):
     assert formatted_prompt == ref.apply_chat_template(
         messages, add_system_prompt=True, tokenize=False, chat_template=dummy_template
     )
+
+
+def test_apply_chat_template_assistant_mask(ours, ref):
+    """ProcessorTesterMixin.test_apply_chat_template_assistant_mask (and transformers' masks
+    on the same batch, left padded)."""
+    turns = [
+        ("user", "What is the capital of France?"),
+        ("assistant", "The capital of France is Paris."),
+        ("user", "What about Italy?"),
+        ("assistant", "The capital of Italy is Rome."),
+    ]
+    conversation = [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in turns]
+    messages = [conversation, conversation[:2]]
+    dummy_template = (
+        "{% for message in messages %}"
+        "{% if (message['role'] != 'assistant') %}"
+        "{{'<|special_start|>' + message['role'] + '\n' + message['content'][0]['text']"
+        " + '<|special_end|>' + '\n'}}"
+        "{% elif (message['role'] == 'assistant')%}"
+        "{{'<|special_start|>' + message['role'] + '\n'}}"
+        "{% generation %}"
+        "{{message['content'][0]['text'] + '<|special_end|>' + '\n'}}"
+        "{% endgeneration %}"
+        "{% endif %}"
+        "{% endfor %}"
+    )
+    kwargs = dict(
+        add_generation_prompt=False,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        return_assistant_tokens_mask=True,
+        chat_template=dummy_template,
+        padding=True,
+    )
+    inputs = ours.apply_chat_template(messages, **kwargs)
+    assert "assistant_masks" in inputs and len(inputs["assistant_masks"]) == len(inputs["input_ids"])
+    assistant_ids = inputs["input_ids"][0][inputs["assistant_masks"][0].bool()]
+    assistant_text = (
+        "The capital of France is Paris.<|special_end|>\nThe capital of Italy is Rome.<|special_end|>\n"
+    )
+    assert ours.decode(assistant_ids) == assistant_text
+    expected = ref.apply_chat_template(messages, **kwargs)
+    assert inputs["assistant_masks"].tolist() == torch.as_tensor(expected["assistant_masks"]).tolist()
+    with pytest.raises(InputError, match="return_dict"):
+        ours.apply_chat_template(messages, tokenize=True, return_assistant_tokens_mask=True)

@@ -20,9 +20,10 @@ from ..checkpoints.files import read_config_json
 from ..checkpoints.hub import resolve_checkpoint
 from ..config import Format, detect_format
 from ..errors import ContextLengthError, InputError
+from .assistant_mask import build_assistant_masks
 from .batch import BatchInputs, MultiModalData, pixels_as
 from .call_options import parse_call_options
-from .chat_template import render_chat_template
+from .chat_template import render_chat_template, render_with_generation_spans
 from .constants import DEFAULT_MAX_IMAGE_PIXELS
 from .image_transforms import ImageSettings, normalize_pixels, resize_and_crop
 from .images import ImageLoadOptions, ImageSource, load_rgb_image
@@ -154,6 +155,7 @@ class FastVLMProcessor:
         max_new_tokens: int = 0,
         check_length: bool = True,
         uint8_pixels: bool = False,
+        return_assistant_tokens_mask: bool = False,
         **template_kwargs: Any,
     ) -> BatchInputs | torch.Tensor | list | str:
         """Render one conversation or a list of them, as transformers' processors do: by
@@ -167,12 +169,16 @@ class FastVLMProcessor:
         decoded. With ``uint8_pixels``, ``pixel_values`` are the resized and cropped uint8
         pixels (a quarter of the size); ``normalize_pixels`` turns them into the float32
         ones. A message's content may be a plain string; the reference renders such
-        content as nothing with the FastVLM template, here it is one text part.
+        content as nothing with the FastVLM template, here it is one text part. With
+        ``return_assistant_tokens_mask`` (and ``return_dict``), ``assistant_masks`` marks the
+        tokens the template's ``{% generation %}`` blocks wrote, as in transformers.
         """
         if continue_final_message and add_generation_prompt:
             raise InputError(
                 "continue_final_message and add_generation_prompt are not compatible; pass one of them"
             )
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise InputError("return_assistant_tokens_mask needs tokenize=True and return_dict=True")
         batched = is_batch(conversation)
         conversations = list(conversation) if batched else [conversation]
         parsed = [
@@ -180,13 +186,20 @@ class FastVLMProcessor:
             for i, c in enumerate(conversations)
         ]
         options = RenderOptions(add_generation_prompt, continue_final_message, chat_template, template_kwargs)
-        prompts = [self._render(p, options) for p in parsed]
+        rendered = [self._render(p, options, return_assistant_tokens_mask) for p in parsed]
+        prompts = [prompt for prompt, _ in rendered]
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [ref for p in parsed for ref in p.images]
         check_markers(prompts, [len(p.images) for p in parsed], self.image_token, batched)
         text = TextOptions(return_tensors, padding, truncation, max_length, add_special_tokens)
         out = self._build(prompts, images, batched, text, max_new_tokens, check_length, uint8_pixels)
+        if return_assistant_tokens_mask:
+            spans = [prompt_spans for _, prompt_spans in rendered]
+            length = len(out["input_ids"][0]) if len(out["input_ids"]) else 0
+            out["assistant_masks"] = build_assistant_masks(
+                self.tokenizer, prompts, spans, self.image_token, self.num_image_tokens, text, length
+            )
         return out if return_dict else out["input_ids"]
 
     def __call__(
@@ -281,17 +294,22 @@ class FastVLMProcessor:
 
     # -- internals --------------------------------------------------------------------
 
-    def _render(self, parsed: ParsedConversation, options: RenderOptions) -> str:
+    def _render(
+        self, parsed: ParsedConversation, options: RenderOptions, spans: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The prompt, and with ``spans`` its {% generation %} character spans."""
         messages = parsed.messages
         if options.continue_final_message:
             messages = mark_final_message(messages)
-        prompt = render_chat_template(
+        render = render_with_generation_spans if spans else render_chat_template
+        out = render(
             options.chat_template or self.chat_template,
             messages,
             add_generation_prompt=options.add_generation_prompt,
             special_tokens={**self.tokenizer.special_tokens_map, **options.template_kwargs},
         )
-        return cut_at_final_message(prompt) if options.continue_final_message else prompt
+        prompt, found = out if spans else (out, [])
+        return (cut_at_final_message(prompt) if options.continue_final_message else prompt), found
 
     def _build(
         self,
