@@ -52,18 +52,18 @@ def main() -> int:
     with torch.inference_mode():
         counter = FlopCounterMode(display=False)
         with counter:
-            features = model.get_image_features(px)
+            features = model.encode_images(px)
         vision_gflop = counter.get_total_flops() / 1e9
         counter = FlopCounterMode(display=False)
         with counter:
             prefill(features)
         decoder_gflop = counter.get_total_flops() / 1e9
         for _ in range(2):  # warm-up (and compile)
-            prefill(model.get_image_features(px))
+            prefill(model.encode_images(px))
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            prefill(model.get_image_features(px))
+            prefill(model.encode_images(px))
             times.append(time.perf_counter() - start)
     ttft = sorted(times)[1]
     gflops = matmul_gflops()

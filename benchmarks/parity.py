@@ -45,7 +45,7 @@ def compare(ours, ref, image_id: int, ref_image_id: int) -> dict:
     text = torch.randint(3, 900, (1, 9), generator=g)
     labels = ref_ids[:1].masked_fill(ref_ids[:1] == ref_image_id, -100)
     out = {}
-    out["image_features"] = rel(ours.get_image_features(px), ref.model.get_image_features(px).pooler_output)
+    out["image_features"] = rel(ours.encode_images(px), ref.model.get_image_features(px).pooler_output)
     mine, theirs = (
         ours(ids[:1], pixel_values=px[:1], labels=labels),
         ref(ref_ids[:1], pixel_values=px[:1], labels=labels),

@@ -70,8 +70,13 @@ def build_reference(
     vocab: int = SMALL_VOCAB,
     seed: int = 0,
     image_token_id: int | None = None,
+    text_overrides: dict | None = None,
+    overrides: dict | None = None,
 ):
-    """A reference FastVlmForConditionalGeneration with tiny random weights (float32, eval)."""
+    """A reference FastVlmForConditionalGeneration with tiny random weights (float32, eval).
+
+    ``text_overrides`` and ``overrides`` change text_config and top-level config fields.
+    """
     from transformers import FastVlmConfig, FastVlmForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -89,10 +94,17 @@ def build_reference(
             "do_pooling": False,
             "model_args": {**TINY_VISION, "inference_mode": False},
         },
-        text_config={**TINY_TEXT, "vocab_size": vocab, "tie_word_embeddings": tied, **_special_ids(vocab)},
+        text_config={
+            **TINY_TEXT,
+            "vocab_size": vocab,
+            "tie_word_embeddings": tied,
+            **_special_ids(vocab),
+            **(text_overrides or {}),
+        },
         image_token_index=image_token_id,
         image_seq_length=(IMAGE_SIZE // 64) ** 2,
         tie_word_embeddings=tied,
+        **(overrides or {}),
     )
     model = FastVlmForConditionalGeneration(config).eval()
     _randomize_(model, seed)

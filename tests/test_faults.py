@@ -74,16 +74,23 @@ def inject(monkeypatch, engine: Engine, point: str, error: Exception, at: int = 
 
 def run_to_end(engine: Engine, ids: list[str], max_steps: int = 200) -> dict[str, list]:
     """Step until idle; return every request's events, checking they end exactly once."""
-    events: dict[str, list] = {i: [] for i in ids}
+    events = run_choices_to_end(engine, {i: 1 for i in ids}, max_steps)
+    return {request_id: seen for (request_id, _), seen in events.items()}
+
+
+def run_choices_to_end(engine: Engine, choices: dict[str, int], max_steps: int = 200) -> dict[tuple, list]:
+    """``choices``: request id -> n. Events by (request id, index); each choice ends once."""
+    events: dict[tuple, list] = {(i, k): [] for i, n in choices.items() for k in range(n)}
     for _ in range(max_steps):
         if not engine.has_work:
             break
         for event in engine.step():
-            assert not (events[event.request_id] and events[event.request_id][-1].finished), "event after end"
-            events[event.request_id].append(event)
-    for request_id, seen in events.items():
-        assert [e.finished for e in seen].count(True) == 1, f"{request_id} did not end exactly once"
-        assert seen[-1].finished and seen[-1].result is not None
+            seen = events[event.request_id, event.index]
+            assert not (seen and seen[-1].finished), "event after end"
+            seen.append(event)
+    for key, seen in events.items():
+        assert [e.finished for e in seen].count(True) == 1, f"{key} did not end exactly once"
+        assert seen[-1].finished and seen[-1].result is not None and seen[-1].result.index == key[1]
     assert not engine.has_work and engine.num_running == 0 and not engine.scheduler.live()
     return events
 
@@ -109,6 +116,27 @@ def test_every_request_ends_exactly_once(model_and_processor, monkeypatch, point
     # The engine is still usable afterwards.
     (after,) = engine.generate([request(9, max_new_tokens=3)])
     assert after.finish_reason == "length"
+
+
+@pytest.mark.parametrize("error", ERRORS[:1] + ERRORS[2:], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("point", POINTS)
+def test_every_choice_ends_exactly_once(model_and_processor, monkeypatch, point, error):
+    """Requests with n choices (2 + 1 rows of 3): a fault anywhere ends each choice once;
+    a fault in the shared image encoding or prefill fails all n choices."""
+    engine = make_engine(model_and_processor, prefill_per_step=MAX_BATCH)
+    at = {"encode": 1, "prefill": 1}.get(point, 4)
+    inject(monkeypatch, engine, point, error, at)
+    wide = engine.add_request(request(0, n=2))
+    single = engine.add_request(request(1))
+    events = run_choices_to_end(engine, {wide: 2, single: 1})
+    failed = {key for key, seen in events.items() if seen[-1].error is not None}
+    assert failed
+    if point == "prefill":  # the first request's: shared by its two choices
+        assert failed == {(wide, 0), (wide, 1)}
+    if point == "encode":  # one encoder call served both requests
+        assert failed == {(wide, 0), (wide, 1), (single, 0)}
+    assert engine.stats["requests_failed"] == len(failed)
+    assert engine.generate([request(9, max_new_tokens=3, n=3)])[2].finish_reason == "length"
 
 
 @pytest.mark.parametrize("point", ["sample", "detokenise", "stop"])

@@ -76,7 +76,7 @@ def inputs():
 def test_image_features(pair, inputs):
     ours, ref = pair
     expected = ref.model.get_image_features(inputs["px"]).pooler_output
-    got = ours.get_image_features(inputs["px"])
+    got = ours.encode_images(inputs["px"])
     assert got.shape == expected.shape == (2, N_IMG, builders.TINY_TEXT["hidden_size"])
     assert rel_diff(got, expected) <= TOL
 
@@ -194,7 +194,7 @@ def test_apple_format(tmp_path, fused):
     # Apple checkpoints use our placeholder id; give the reference its own id at the same spots.
     ids = make_prompt(g, 10, 1, builders.SMALL_VOCAB, ours.config.image_token_id)[None]
     ref_ids = ids.masked_fill(ids == ours.config.image_token_id, ref.config.image_token_id)
-    assert rel_diff(ours.get_image_features(px), ref.model.get_image_features(px).pooler_output) <= TOL
+    assert rel_diff(ours.encode_images(px), ref.model.get_image_features(px).pooler_output) <= TOL
     assert (
         rel_diff(ours(input_ids=ids, pixel_values=px).logits, ref(input_ids=ref_ids, pixel_values=px).logits)
         <= TOL

@@ -41,7 +41,7 @@ def test_fused_projections_and_channels_last_equal_plain(plain, inputs):
     layer = fast.language_model.layers[0]
     assert isinstance(layer.self_attn, FusedAttention) and isinstance(layer.mlp, FusedMLP)
     assert fast.vision_tower.channels_last
-    assert _rel(fast.get_image_features(px), plain.get_image_features(px)) <= 1e-5
+    assert _rel(fast.encode_images(px), plain.encode_images(px)) <= 1e-5
     assert _rel(fast(ids, pixel_values=px).logits, plain(ids, pixel_values=px).logits) <= 1e-5
     kwargs = {"input_ids": ids, "pixel_values": px, "max_new_tokens": 10}
     assert fast.generate(**kwargs).tolist() == plain.generate(**kwargs).tolist()
@@ -79,11 +79,11 @@ def test_int8_weights_stay_close(plain, inputs, dtype):
 def test_compiled_vision_tower_matches_eager(plain, inputs):
     _, px = inputs
     fast = optimize(copy.deepcopy(plain), SpeedOptions(compile_vision=True))
-    got = fast.get_image_features(px)
+    got = fast.encode_images(px)
     compiled = fast.vision_tower.compiled
     assert not compiled.failed, f"torch.compile fell back to eager: {compiled.failed}"
     assert compiled.compile_seconds is not None
-    assert _rel(got, plain.get_image_features(px)) <= 1e-4
+    assert _rel(got, plain.encode_images(px)) <= 1e-4
 
 
 def test_int8_prefill_path_matches_decode_path(plain, inputs):

@@ -4,6 +4,7 @@ from .api import VLM, load
 from .batch import run_batch as run_batch  # a public name, like those in __all__
 from .config import FastVLMConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, ContextLengthError, FastVLMError, InputError
+from .generation.constraint_spec import OutputConstraint
 from .generation.engine import (
     Engine,
     GenerationRequest,
@@ -16,6 +17,7 @@ from .generation.engine import (
 from .modeling import FastVLM
 from .models.optimize import SpeedOptions
 from .processing import FastVLMProcessor
+from .results import ChatResult
 
 __all__ = [
     "load",
@@ -29,6 +31,8 @@ __all__ = [
     "Engine",
     "GenerationRequest",
     "GenerationResult",
+    "ChatResult",
+    "OutputConstraint",
     "SamplingParams",
     "StreamEvent",
     "Timings",

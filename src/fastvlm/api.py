@@ -2,7 +2,9 @@
 
     vlm = fastvlm.load()                      # apple/FastVLM-0.5B, best device and dtype
     vlm.ask("photo.jpg", "What is shown?")    # -> str
-    vlm.chat(messages, temperature=0.7)       # -> GenerationResult (text, finish_reason, usage, timings)
+    vlm.chat(messages, temperature=0.7)       # -> ChatResult (text, finish_reason, usage, timings, parsed)
+    vlm.ask("r.jpg", "Total?", json_schema={...}).parsed  # constrained: json_schema=, regex=, choices=
+    vlm.chat(messages, n=3, logprobs=True)    # -> [ChatResult] * 3, each with .logprobs
     fastvlm.api.describe_checkpoint(path)     # -> dict, from config.json and weight headers only
 
 This layer only turns keyword options into engine requests and back; batching,
@@ -22,18 +24,23 @@ from .checkpoints.hub import DEFAULT_MODEL, hub_safetensors_headers, is_hub_id, 
 from .checkpoints.loader import apply_generation_config, weight_files
 from .checkpoints.safetensors_io import SafetensorsReader
 from .config import FastVLMConfig
+from .device import resolve_device, resolve_dtype
 from .errors import InputError
-from .generation.engine import Engine, GenerationRequest, GenerationResult, StreamEvent
+from .generation.constraint_spec import OutputConstraint
+from .generation.engine import Engine, GenerationRequest, StreamEvent
 from .generation.feature_cache import DEFAULT_MAX_BYTES as DEFAULT_FEATURE_CACHE_BYTES
 from .generation.prepare import DEFAULT_MAX_IMAGES
 from .generation.sampling import SamplingParams
 from .modeling import FastVLM
 from .models.optimize import SpeedOptions, optimize
 from .processing import FastVLMProcessor
+from .results import Answer, ChatResult, events_with_parsed, with_parsed
 
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
-_REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids")
-GENERATION_OPTIONS = _SAMPLING_OPTIONS + _REQUEST_OPTIONS
+_SAMPLING_OPTIONS += ("presence_penalty", "frequency_penalty")
+_REQUEST_OPTIONS = ("max_new_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs", "n")
+_CONSTRAINT_OPTIONS = ("json_schema", "regex", "choices")  # at most one; see OutputConstraint
+GENERATION_OPTIONS = (*_SAMPLING_OPTIONS, "logit_bias", *_REQUEST_OPTIONS, *_CONSTRAINT_OPTIONS)
 
 
 def build_request(messages: list[dict], **options: Any) -> GenerationRequest:
@@ -51,8 +58,13 @@ def build_request(messages: list[dict], **options: Any) -> GenerationRequest:
         sampling["top_k"] = int(sampling["top_k"])
     if "seed" in sampling:
         sampling["seed"] = int(sampling["seed"])
+    if options.get("logit_bias") is not None:
+        sampling["logit_bias"] = options["logit_bias"]  # SamplingParams checks the mapping
     request = {k: options[k] for k in _REQUEST_OPTIONS if options.get(k) is not None}
-    return GenerationRequest(messages=messages, sampling=SamplingParams(**sampling), **request)
+    constraint = OutputConstraint.from_options(**{k: options.get(k) for k in _CONSTRAINT_OPTIONS})
+    return GenerationRequest(
+        messages=messages, sampling=SamplingParams(**sampling), constraint=constraint, **request
+    )
 
 
 def image_message(image: Any, prompt: str) -> list[dict]:
@@ -75,9 +87,10 @@ class VLM:
     def __init__(self, model: FastVLM, processor: FastVLMProcessor, engine: Engine) -> None:
         self.model, self.processor, self.engine = model, processor, engine
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Run one request to the end."""
-        return self.engine.generate([request])[0]
+    def generate(self, request: GenerationRequest) -> ChatResult | list[ChatResult]:
+        """Run one request to the end: its result, or with ``n`` > 1 its n results."""
+        results = [with_parsed(r, request.constraint) for r in self.engine.generate([request])]
+        return results if request.n > 1 else results[0]
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """The answer's text pieces as they are decoded; ``close()`` the iterator to stop early
@@ -87,25 +100,40 @@ class VLM:
     def ask(self, image: Any = None, prompt: str | None = None, *, stream: bool = False, **options: Any):
         """Answer ``prompt`` about ``image`` (path, URL, PIL image, bytes, base64, a list, or None).
 
-        Returns the answer, or with ``stream=True`` an iterator of text pieces.
+        Returns the answer (a ``str`` whose ``parsed`` holds the value under a
+        ``json_schema``/``regex``/``choices`` constraint, see ``fastvlm.results``; with
+        ``n`` > 1 a list of n answers), or with ``stream=True`` an iterator of text
+        pieces (one answer only).
         """
         if prompt is None:
             raise InputError("ask(image, prompt) needs a prompt; for text only call ask(None, prompt)")
+        if options.get("logprobs"):
+            raise InputError("ask returns text only; call chat(...) for results with logprobs")
         request = build_request(image_message(image, prompt), **options)
-        return self.stream(request) if stream else self.generate(request).text
+        if stream:
+            return self.stream(request)
+        result = self.generate(request)
+        return [Answer(r) for r in result] if isinstance(result, list) else Answer(result)
 
     def chat(
         self, messages: list[dict], *, stream: bool = False, **options: Any
-    ) -> GenerationResult | Iterator[StreamEvent]:
-        """Continue a conversation. With ``stream=True``: events, the last holding the result."""
+    ) -> ChatResult | list[ChatResult] | Iterator[StreamEvent]:
+        """Continue a conversation: its result, or with ``n`` > 1 a list of n results.
+
+        The result has ``parsed``: the answer as a value under a constraint, else None.
+        With ``stream=True``: events; each choice (``event.index``) ends with one
+        finished event holding its result.
+        """
         request = build_request(messages, **options)
         if stream:
-            return self.engine.stream_events(request)
+            return events_with_parsed(self.engine.stream_events(request), request.constraint)
         return self.generate(request)
 
-    def batch(self, conversations: list[Any], **options: Any) -> list[GenerationResult]:
+    def batch(self, conversations: list[Any], **options: Any) -> list[ChatResult | list[ChatResult]]:
         """Run several conversations together. Each item is a list of messages, or a dict
-        ``{"messages": [...], **options}`` whose options override the shared ``options``."""
+        ``{"messages": [...], **options}`` whose options override the shared ``options``.
+
+        One entry per conversation: its result, or a list of n results where ``n`` > 1."""
         requests = []
         for index, item in enumerate(conversations):
             if isinstance(item, Mapping):
@@ -115,7 +143,13 @@ class VLM:
                 requests.append(build_request(item["messages"], **{**options, **extra}))
             else:
                 requests.append(build_request(item, **options))
-        return self.engine.generate(requests)
+        results = iter(self.engine.generate(requests))
+        return [
+            [with_parsed(next(results), r.constraint) for _ in range(r.n)]
+            if r.n > 1
+            else with_parsed(next(results), r.constraint)
+            for r in requests
+        ]
 
     def __repr__(self) -> str:
         return (
@@ -161,8 +195,11 @@ def load(
     folder = resolve_checkpoint(model, revision=revision)
     # Plain first, then the same switches from_pretrained applies: anything that changes
     # the weights (such as merging an adapter) must see the modules as the checkpoint has them.
+    # The device-aware dtype ("auto" here is the best one for the device; from_pretrained's
+    # "auto" is the checkpoint's, as in transformers).
+    dev = resolve_device(device)
     net = FastVLM.from_pretrained(
-        folder, dtype=dtype, device=device, progress=progress, speed=SpeedOptions.off()
+        folder, dtype=resolve_dtype(dtype, dev), device=dev, progress=progress, speed=SpeedOptions.off()
     )
     if adapter is not None:
         merge_adapter(net, adapter)

@@ -18,7 +18,13 @@ from dataclasses import asdict
 from typing import Any
 
 from .checkpoints.hub import DEFAULT_MODEL
-from .cli_options import add_model_source_option, add_placement_options, add_sampling_options
+from .cli_options import (
+    add_constraint_options,
+    add_model_source_option,
+    add_placement_options,
+    add_sampling_options,
+    constraint_options,
+)
 
 # Commands implemented elsewhere: name -> (module, help). Each module has
 # add_arguments(parser) and run(args) -> int, and is imported only when chosen.
@@ -70,6 +76,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     run.add_argument("image", help="image path, URL, data URI, '-' for stdin, or 'none' for text only")
     run.add_argument("prompt")
     _add_model_options(run)
+    add_constraint_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /reset, /exit)")
@@ -201,7 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .api import build_request, image_message
 
     image = _image_source(args.image)
-    request = build_request(image_message(image, args.prompt), **_options(args))
+    options = {**_options(args), **constraint_options(args)}
+    request = build_request(image_message(image, args.prompt), **options)
     vlm = _load(args)
     if args.json:
         result = vlm.generate(request)

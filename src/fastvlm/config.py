@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .config_rules import check_sliding_window, check_vision_args, check_width, dtype_name, rope_parameters
 from .errors import CheckpointError
 
 Format = Literal["fast_vlm", "llava_qwen2"]
@@ -114,6 +115,34 @@ class VisionConfig:
     def num_image_tokens(self) -> int:
         return (self.image_size // self.reduction) ** 2
 
+    # -- transformers' TimmWrapperConfig attribute names ---------------------------------------
+    model_type = "timm_wrapper"
+    architecture = "fastvit_mci3"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_features
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """This tower in timm's ``fastvit_mci3`` argument names (RepCPE as its kernel size)."""
+        return {
+            "layers": list(self.layers),
+            "embed_dims": list(self.embed_dims),
+            "mlp_ratios": list(self.mlp_ratios),
+            "token_mixers": list(self.token_mixers),
+            "pos_embs": list(self.pos_embs),
+            "downsamples": list(self.downsamples),
+            "se_downsamples": list(self.se_downsamples),
+            "repmixer_kernel_size": self.repmixer_kernel_size,
+            "down_patch_size": self.down_patch_size,
+            "down_stride": self.down_stride,
+            "lkc_use_act": self.lkc_use_act,
+            "cls_ratio": self.cls_ratio,
+            "in_chans": self.in_chans,
+            "inference_mode": True,
+        }
+
     @classmethod
     def from_timm_args(cls, model_args: dict[str, Any] | None, image_size: int = 1024) -> VisionConfig:
         args = dict(model_args or {})
@@ -133,21 +162,36 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """Qwen2 decoder architecture."""
+    """Qwen2 decoder architecture, with transformers' ``Qwen2Config`` attribute names.
+
+    ``model.config.text_config`` is this object, so code written for transformers reads
+    ``hidden_size``, ``num_attention_heads``, ``vocab_size``, ``rope_parameters``... here.
+    """
 
     vocab_size: int = 151936
     hidden_size: int = 896
     intermediate_size: int = 4864
     num_hidden_layers: int = 24
     num_attention_heads: int = 14
-    num_key_value_heads: int = 2
+    num_key_value_heads: int | None = 2  # None means num_attention_heads, as in transformers
+    hidden_act: str = "silu"  # a name of models.activations.ACTIVATIONS, checked when the model is built
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
+    # Standardised as transformers does: {"rope_type": ..., "rope_theta": ..., type-specific keys}.
+    rope_parameters: dict[str, Any] = field(default_factory=dict)
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     head_dim: int = 0  # 0 means hidden_size // num_attention_heads
+    attention_dropout: float = 0.0  # applied in training mode only, as in transformers
+    # Read so that a sliding window is refused unless it cannot bite (see ``config_rules``).
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 28
+    model_type: str = "qwen2"
 
     def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -155,17 +199,16 @@ class TextConfig:
                 f"text config: {self.num_attention_heads} attention heads is not a multiple of "
                 f"{self.num_key_value_heads} key/value heads"
             )
+        self.rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta, **self.rope_parameters}
+        self.rope_theta = self.rope_parameters["rope_theta"]
 
     @classmethod
     def from_hf(cls, data: dict[str, Any]) -> TextConfig:
         data = dict(data)
-        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
-        if "rope_theta" in rope and "rope_theta" not in data:
-            data["rope_theta"] = rope["rope_theta"]
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise CheckpointError(f"text config: rope type {rope.get('rope_type')!r} is not supported")
-        if data.get("use_sliding_window"):
-            raise CheckpointError("text config: sliding-window attention is not supported")
+        data["rope_parameters"] = rope_parameters(data)
+        data["rope_theta"] = data["rope_parameters"]["rope_theta"]
+        check_sliding_window(data)
+        data.pop("model_type", None)  # "llava_qwen2" on Apple's flat configs; the decoder is Qwen2
         if data.get("head_dim") is None:
             data.pop("head_dim", None)
         return _from_dict(cls, data)
@@ -178,12 +221,44 @@ class FastVLMConfig:
     format: Format = HF_FORMAT
     image_token_id: int = IMAGE_PLACEHOLDER_ID
     projector_bias: bool = True
+    projector_hidden_act: str = "gelu"
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    dtype: str | None = None  # the weights' dtype as config.json states it (``dtype``/``torch_dtype``)
+    # Image tokens per image as config.json states it (transformers' processor reads it);
+    # 0: the tower's count at its nominal image size.
+    image_seq_length: int = 0
+
+    def __post_init__(self) -> None:
+        self.image_seq_length = int(self.image_seq_length or self.vision.num_image_tokens)
 
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_image_tokens
+
+    # -- transformers' FastVlmConfig attribute names, as views of the fields above ------------
+    @property
+    def text_config(self) -> TextConfig:
+        return self.text
+
+    @property
+    def vision_config(self) -> VisionConfig:
+        return self.vision
+
+    @property
+    def image_token_index(self) -> int:
+        return self.image_token_id
+
+    @property
+    def multimodal_projector_bias(self) -> bool:
+        return self.projector_bias
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.text.tie_word_embeddings
+
+    vision_feature_select_strategy = "full"  # the only values FastVLM has
+    vision_feature_layer = -1
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FastVLMConfig:
@@ -201,20 +276,24 @@ def _from_hf(data: dict[str, Any]) -> FastVLMConfig:
         or data.get("vision_feature_layer", -1) != -1
     ):
         raise CheckpointError("only vision_feature_select_strategy 'full' and vision_feature_layer -1 exist")
-    if data.get("projector_hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"projector activation {data['projector_hidden_act']!r} is not supported")
     text_data = dict(data.get("text_config") or {})
     text = TextConfig.from_hf(text_data)
     # transformers forwards a tie flag set on either level to the whole model.
     text.tie_word_embeddings = bool(data.get("tie_word_embeddings") or text_data.get("tie_word_embeddings"))
+    check_vision_args(vision.get("model_args") or {})
     image_size = _image_size_from(vision.get("pretrained_cfg", {}).get("input_size"), default=1024)
+    tower = VisionConfig.from_timm_args(vision.get("model_args"), image_size)
+    check_width(vision.get("hidden_size"), tower.num_features, "vision_config.hidden_size")
     return FastVLMConfig(
-        vision=VisionConfig.from_timm_args(vision.get("model_args"), image_size),
+        vision=tower,
         text=text,
         format=HF_FORMAT,
         image_token_id=int(data.get("image_token_index", data.get("image_token_id", IMAGE_PLACEHOLDER_ID))),
         projector_bias=bool(data.get("multimodal_projector_bias", True)),
+        projector_hidden_act=data.get("projector_hidden_act", "gelu"),
         eos_token_id=text_data.get("eos_token_id", data.get("eos_token_id")),
+        dtype=dtype_name(data, text_data),
+        image_seq_length=int(data.get("image_seq_length") or 0),
     )
 
 
@@ -227,14 +306,18 @@ def _from_apple(data: dict[str, Any]) -> FastVLMConfig:
         raise CheckpointError(f"projector {data['mm_projector_type']!r} is not supported (mlp2x_gelu only)")
     text = TextConfig.from_hf(data)
     text.tie_word_embeddings = bool(data.get("tie_word_embeddings", False))
+    # Apple's towers are fixed by name; "vision_model_args" (our extension, timm's
+    # argument names) describes a shrunk tower such as the ones tests build.
+    check_vision_args(data.get("vision_model_args") or {})
+    tower = VisionConfig.from_timm_args(data.get("vision_model_args"), int(match.group(1)))
+    check_width(data.get("mm_hidden_size"), tower.num_features, "mm_hidden_size")
     return FastVLMConfig(
-        # Apple's towers are fixed by name; "vision_model_args" (our extension, timm's
-        # argument names) describes a shrunk tower such as the ones tests build.
-        vision=VisionConfig.from_timm_args(data.get("vision_model_args"), int(match.group(1))),
+        vision=tower,
         text=text,
         format=APPLE_FORMAT,
         image_token_id=IMAGE_PLACEHOLDER_ID,
         eos_token_id=data.get("eos_token_id"),
+        dtype=dtype_name(data, {}),
     )
 
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli_options import add_model_source_option, add_placement_options, add_sampling_options
+from ..cli_options import (
+    add_constraint_options,
+    add_model_source_option,
+    add_placement_options,
+    add_sampling_options,
+    constraint_options,
+)
 from .job import run_batch
 from .options import DEFAULT_PROMPT
 
@@ -24,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-column", default=None, metavar="NAME", help="table column of prompts (prompt)")
     p.add_argument("--id-column", default=None, metavar="NAME", help="table column of ids (the row number)")
     add_sampling_options(p)
+    add_constraint_options(p)
     add_placement_options(p)
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together")
     p.add_argument(
@@ -58,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         stop=tuple(args.stop or ()),
+        **constraint_options(args),
         device=args.device,
         dtype=args.dtype,
         int8=args.int8,

@@ -22,6 +22,7 @@ from ..errors import InputError
 from .inputs import iter_rows, open_inputs, plan
 from .options import BatchOptions, image_load_options, load_model
 from .output import PartWriter, check_output, done_ids
+from .structured import Extraction
 
 _COMMIT_S = 10.0  # a part file at least this often, so a kill loses little work
 
@@ -106,7 +107,8 @@ def run_batch(inputs: list[str] | str, output: str | os.PathLike, **options: Any
     if todo == 0:
         return summary
     rows = iter_rows(sources, done)
-    recorder = Recorder(PartWriter(out), summary, todo, opts)
+    extra = Extraction.from_generation(opts.generation).arrow_types()
+    recorder = Recorder(PartWriter(out, extra), summary, todo, opts)
     try:
         if opts.ray:
             from .ray_job import run_ray

@@ -33,6 +33,10 @@ class BatchOptions:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # At most one constraint on every answer (see OutputConstraint); adds columns to the output.
+    json_schema: dict | None = None
+    regex: str | None = None
+    choices: tuple[str, ...] | None = None
     device: str = "auto"
     dtype: str = "auto"
     int8: bool = False
@@ -55,6 +59,9 @@ class BatchOptions:
             object.__setattr__(self, "ray", "local" if self.ray else None)
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or ()
         object.__setattr__(self, "stop", tuple(stop))
+        if self.choices is not None:
+            choices = [self.choices] if isinstance(self.choices, str) else self.choices
+            object.__setattr__(self, "choices", tuple(choices))
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InputError("the prompt must be non-empty text; pass --prompt TEXT")
         if self.int8 and self.int4:
@@ -69,7 +76,7 @@ class BatchOptions:
     @property
     def generation(self) -> dict[str, Any]:
         """The keyword options of ``vlm.ask`` this job passes for every row."""
-        keys = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+        keys = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "json_schema", "regex", "choices")
         options = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         return {**options, "stop": list(self.stop)} if self.stop else options
 

@@ -21,12 +21,16 @@ COLUMNS = ("id", "image", "prompt", "text", "finish_reason", "prompt_tokens", "c
 FORMATS = (".parquet", ".jsonl")
 
 
-def arrow_schema():
+def arrow_schema(extra: dict[str, str] | None = None):
+    """The output's columns; ``extra`` adds columns by arrow type name (see batch.structured)."""
     import pyarrow as pa
 
     string, integer = pa.string(), pa.int64()
     types = (string, string, string, string, string, integer, integer, string)
-    return pa.schema(list(zip(COLUMNS, types, strict=True)))
+    fields = list(zip(COLUMNS, types, strict=True))
+    for name, kind in (extra or {}).items():
+        fields.append((name, pa.string() if kind == "json" else pa.type_for_alias(kind)))
+    return pa.schema(fields)
 
 
 def check_output(out: str | os.PathLike) -> Path:
@@ -49,8 +53,10 @@ def check_output(out: str | os.PathLike) -> Path:
 class PartWriter:
     """Appends result rows to OUT; ``commit()`` makes the rows written so far durable."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, extra: dict[str, str] | None = None) -> None:
+        """``extra``: further columns by arrow type name (a constrained job's parsed values)."""
+        self.path, self.extra = path, dict(extra or {})
+        self.columns = (*COLUMNS, *self.extra)
         self.parquet = path.suffix.lower() == ".parquet"
         self.pending: list[dict[str, Any]] = []
         self.committed = 0
@@ -62,7 +68,7 @@ class PartWriter:
             _cut_torn_line(path)
 
     def add(self, row: dict[str, Any]) -> None:
-        self.pending.append({name: row.get(name) for name in COLUMNS})
+        self.pending.append({name: row.get(name) for name in self.columns})
 
     def commit(self) -> None:
         if not self.pending:
@@ -80,7 +86,7 @@ class PartWriter:
 
         name = f"part-{uuid.uuid4().hex}.parquet"
         tmp = self.path / f".tmp-{name}"
-        pq.write_table(pa.Table.from_pylist(self.pending, schema=arrow_schema()), tmp)
+        pq.write_table(pa.Table.from_pylist(self.pending, schema=arrow_schema(self.extra)), tmp)
         _fsync(tmp)
         os.replace(tmp, self.path / name)  # atomic: the part appears whole or not at all
         _fsync_dir(self.path)

@@ -187,6 +187,7 @@ class Predictor:
         for r in batch.to_pylist():
             rgb = None if r["rgb"] is None else Image.frombytes("RGB", (r["width"], r["height"]), r["rgb"])
             items.append(Prepared(r["id"], r["image"], r["prompt"], rgb=rgb, error=r["error"]))
-        rows = EngineDriver(self.vlm.engine, self.opts.generation).run(items)
-        schema = arrow_schema().append(pa.field("node", pa.string()))
+        driver = EngineDriver(self.vlm.engine, self.opts.generation)
+        rows = driver.run(items)
+        schema = arrow_schema(driver.extraction.arrow_types()).append(pa.field("node", pa.string()))
         return pa.Table.from_pylist([{**r, "node": self.node} for r in rows], schema=schema)

@@ -18,6 +18,7 @@ from ..api import build_request, image_message
 from ..errors import FastVLMError
 from ..processing.images import ImageLoadOptions, RGBRules, load_rgb_image
 from .inputs import Row
+from .structured import Extraction
 
 # Pillow names the in-memory file it failed on ("<_io.BytesIO object at 0x7f...>"); the
 # address differs per run, and an error must read the same in every run and mode.
@@ -96,6 +97,7 @@ class EngineDriver:
 
     def __init__(self, engine, generation: dict[str, Any]) -> None:
         self.engine, self.generation = engine, generation
+        self.extraction = Extraction.from_generation(generation)  # a constrained job's extra columns
         self.in_flight: dict[str, Prepared] = {}
 
     @property
@@ -109,7 +111,7 @@ class EngineDriver:
     def add(self, item: Prepared) -> dict[str, Any] | None:
         """Queue ``item``; returns its result row at once if it cannot run."""
         if item.error is not None:
-            return result_row(item, error=item.error)
+            return {**result_row(item, error=item.error), **self.extraction.values(None)}
         try:
             if item.request is not None:  # prepared off this thread (local mode's pool)
                 request_id = self.engine.add_prepared(item.request)
@@ -117,7 +119,7 @@ class EngineDriver:
                 request = build_request(image_message(item.rgb, item.prompt), **self.generation)
                 request_id = self.engine.add_request(request)
         except FastVLMError as exc:  # unreadable image, prompt too long, ...
-            return result_row(item, error=str(exc))
+            return {**result_row(item, error=str(exc)), **self.extraction.values(None)}
         item.rgb = item.request = None  # the engine holds the pixels now
         self.in_flight[request_id] = item
         return None
@@ -149,7 +151,8 @@ class EngineDriver:
         item = self.in_flight.pop(request_id)
         if result is None and error is None:
             error = "the engine finished this row without a result"
-        return result_row(item, None if error else result, error)
+        result = None if error else result
+        return {**result_row(item, result, error), **self.extraction.values(result)}
 
     def run(self, items: list[Prepared]) -> list[dict[str, Any]]:
         """All of ``items`` to completion, the batch kept full as rows finish."""

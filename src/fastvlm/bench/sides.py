@@ -209,7 +209,7 @@ def ours_side(name: str, model: FastVLM) -> Side:
             do_sample=False,
         )
 
-    return Side(name, model.get_image_features, generate)
+    return Side(name, model.encode_images, generate)
 
 
 def reference_side(ref) -> Side:

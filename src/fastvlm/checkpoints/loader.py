@@ -195,3 +195,24 @@ def load_model(
     config = FastVLMConfig.from_dict(read_config_json(folder))
     apply_generation_config(config, folder)
     return _build(model_class, config, _open_lazy(weight_files(folder)), dtype, device, progress, folder)
+
+
+def stored_dtype(folder: Path, config: FastVLMConfig) -> torch.dtype:
+    """The checkpoint's own dtype, as transformers' ``dtype="auto"`` finds it: config.json's
+    ``dtype``/``torch_dtype``, else the first floating-point weight's."""
+    if config.dtype is not None:
+        dtype = getattr(torch, str(config.dtype).removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"config.json: dtype {config.dtype!r} is not a torch dtype")
+        return dtype
+    first = weight_files(folder)[0]
+    if first.suffix == ".safetensors":
+        floats = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        for entry in SafetensorsReader(first).entries.values():  # the header only, no weights read
+            if entry["dtype"] in floats:
+                return floats[entry["dtype"]]
+    else:
+        for tensor in torch.load(first, map_location="meta", weights_only=True).values():
+            if tensor.is_floating_point():
+                return tensor.dtype
+    raise CheckpointError(f"{first} holds no floating-point weights; it is not a FastVLM checkpoint")

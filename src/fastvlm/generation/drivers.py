@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+from ..errors import InputError
 from .request import GenerationRequest, GenerationResult, StreamEvent
 
 
@@ -17,53 +18,62 @@ class Drivers:
     """Mixed into ``Engine``: needs its ``add_request``, ``step`` and ``scheduler``."""
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Run ``requests`` together to completion; results in the order given.
+        """Run ``requests`` together to completion; results in the order given, a
+        request with ``n`` choices giving n results in index order.
 
         A request that fails raises its error (the others are cancelled).
         """
-        ids: list[str] = []
-        results: dict[str, GenerationResult] = {}
+        keys: list[tuple[str, int]] = []
+        results: dict[tuple[str, int], GenerationResult] = {}
         try:
             for request in requests:
-                ids.append(self.add_request(request))
-            while len(results) < len(ids):
+                request_id = self.add_request(request)
+                keys += [(request_id, i) for i in range(request.n)]
+            wanted = set(keys)
+            while len(results) < len(keys):
                 for event in self.step():
-                    if event.finished and event.request_id in ids:
+                    key = (event.request_id, event.index)
+                    if event.finished and key in wanted:
                         _raise_failure(event)
-                        results[event.request_id] = event.result
+                        results[key] = event.result
         finally:
-            self._abandon(set(ids) - set(results))
-        return [results[i] for i in ids]
+            self._abandon({r for r, _ in set(keys) - set(results)})
+        return [results[k] for k in keys]
 
     def stream_events(self, request: GenerationRequest) -> Iterator[StreamEvent]:
-        """Events of one request as it runs; the last one is finished and holds the result.
+        """Events of one request as it runs; each of its n choices (``event.index``) ends
+        with one finished event holding its result, and the iterator ends after the last.
 
         The request is added (and checked) now, so bad input raises here, not on first
         use; a failure while it runs raises from the iterator.
         """
-        return self._follow(self.add_request(request))
+        return self._follow(self.add_request(request), request.n)
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """Text pieces of one request (complete UTF-8); joined they equal the result text."""
+        if request.n > 1:
+            raise InputError(
+                "stream() gives one answer's text; for n > 1 use stream_events (events carry index)"
+            )
         return _texts(self.stream_events(request))
 
-    def _follow(self, request_id: str) -> Iterator[StreamEvent]:
-        finished = False
+    def _follow(self, request_id: str, n: int) -> Iterator[StreamEvent]:
+        finished = 0
         try:
-            while not finished:
+            while finished < n:
                 for event in self.step():
                     if event.request_id == request_id:
-                        finished = event.finished
+                        finished += event.finished
                         _raise_failure(event)
                         yield event
         finally:
-            if not finished:
+            if finished < n:
                 self._abandon({request_id})
 
     def _abandon(self, request_ids: set[str]) -> None:
         """A driver was closed early (or failed): cancel its requests and free their rows."""
         now = time.perf_counter()
-        for seq in filter(None, map(self.scheduler.get, request_ids)):
+        for seq in (s for r in request_ids for s in self.scheduler.choices(r)):
             if not seq.finished:
                 seq.finish("cancelled", now)
         self.stats["requests_finished"] += len(self.scheduler.release_finished())

@@ -7,9 +7,12 @@ requests join between decode steps; finished ones free their row at once.
 
 A request's life: ``prepare`` (pure CPU, any thread) -> ``add_prepared`` (queued) ->
 admitted and prefilled -> decoded -> exactly one finished event: stopped, cut at its
-length, cancelled, or failed. A failure ends only the requests it touches: a model
-call that raises fails the rows it computed for; a row whose scores turn non-finite,
-or whose sampling, detokenising or stop check raises, fails alone.
+length, cancelled, or failed. A request with ``n`` choices is prefilled once (one
+image encoding), its cache row copied to n rows, and each row decoded as its own
+sequence with its own finished event (events carry the choice's ``index``).
+A failure ends only the requests it touches: a model call that raises fails the rows
+it computed for; a row whose scores turn non-finite, or whose sampling, detokenising
+or stop check raises, fails alone.
 
 The engine is synchronous and single-threaded, and it knows nothing about HTTP: a
 server runs it in one worker thread and talks to it through queues. It does know
@@ -24,13 +27,17 @@ import time
 import torch
 
 from ..errors import CheckpointError, FastVLMError, InputError
+from ..processing.token_bytes import TokenBytes
+from .constraints import GrammarCompiler, allowed_masks
 from .drivers import Drivers
 from .feature_cache import DEFAULT_MAX_BYTES, FeatureCache, gather_features
+from .logprobs import token_logprob
 from .prepare import DEFAULT_MAX_IMAGES, PreparedRequest, PrepareLimits, prepare_request
 from .request import GenerationRequest, GenerationResult, StreamEvent, Timings, Usage
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample_rows
-from .scheduler import Scheduler
+from .scheduler import Scheduler, by_request
+from .scores import check_logit_bias_ids
 from .sequence import Sequence
 from .step import StepOutput
 from .stopping import default_stop_token_ids
@@ -100,6 +107,7 @@ class Engine(Drivers):
         self.prefill_per_step = prefill_per_step
         self.runner = ModelRunner(model, max_batch, self.max_seq_len)
         self.feature_cache = FeatureCache(feature_cache_size, feature_cache_bytes)
+        self._token_bytes: TokenBytes | None = None
         tokenizer = processor.tokenizer
         self.limits = PrepareLimits(
             max_seq_len=self.max_seq_len,
@@ -111,14 +119,16 @@ class Engine(Drivers):
             model.config.eos_token_id, tokenizer.convert_tokens_to_ids
         )
         self.scheduler = Scheduler(max_batch, prefill_per_step, self.runner.move_row)
+        self.grammars = GrammarCompiler(tokenizer, model.config.text.vocab_size, self.default_stop_token_ids)
         self.stats = {
             "encoder_calls": 0,  # vision-encoder forward passes (each up to _ENCODER_BATCH images)
             "images_encoded": 0,
             "feature_cache_hits": 0,
+            "prefills": 0,  # prompts prefilled: once per request, whatever its n
             "prompt_tokens": 0,
             "generated_tokens": 0,
             "decode_steps": 0,
-            "requests_finished": 0,
+            "requests_finished": 0,  # choices: a request with n choices counts n
             "requests_failed": 0,
         }
 
@@ -138,20 +148,40 @@ class Engine(Drivers):
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenize the prompt and load its images; touches no engine state (any thread).
 
-        Raises InputError (bad messages or images) or ContextLengthError before any
-        model compute, so a caller can reject the request at once.
+        Raises InputError (bad messages or images, or a constraint that cannot be
+        enforced) or ContextLengthError before any model compute, so a caller can reject
+        the request at once.
         """
-        return prepare_request(request, self.processor, self.limits)
+        self._check_sampling(request)
+        grammar = self.grammars.compile(request.constraint) if request.constraint is not None else None
+        prepared = prepare_request(request, self.processor, self.limits)
+        prepared.grammar = grammar
+        return prepared
+
+    def _check_sampling(self, request: GenerationRequest) -> None:
+        """Settings valid on their own that this engine's model cannot honour."""
+        check_logit_bias_ids(request.sampling.logit_bias, self.runner.vocab_size)
+        if request.n > self.max_batch:
+            raise InputError(f"n={request.n} choices need {request.n} rows; this engine has {self.max_batch}")
 
     def add_prepared(self, prepared: PreparedRequest) -> str:
         """Queue a prepared request (engine thread only). Returns the request id."""
         request = prepared.request
         if self.scheduler.get(request.request_id) is not None:
             raise InputError(f"request id {request.request_id!r} is already in use; pick another")
-        seq = Sequence.from_prepared(
-            prepared, self.processor.tokenizer.decode, self.default_stop_token_ids, self.runner.device
-        )
-        self.scheduler.add(seq)
+        self._check_sampling(request)  # cheap, and a prepared request may come from elsewhere
+        choices = [
+            Sequence.from_prepared(
+                prepared,
+                self.processor.tokenizer.decode,
+                self.default_stop_token_ids,
+                self.runner.device,
+                vocab_size=self.runner.vocab_size,
+                index=i,
+            )
+            for i in range(request.n)
+        ]
+        self.scheduler.add(choices)
         return request.request_id
 
     def add_request(self, request: GenerationRequest) -> str:
@@ -161,9 +191,9 @@ class Engine(Drivers):
         return self.add_prepared(self.prepare(request))
 
     def cancel(self, request_id: str) -> None:
-        """Finish a request at the next step with reason "cancelled"; unknown ids are ignored."""
-        seq = self.scheduler.get(request_id)
-        if seq is not None:
+        """Finish a request (all its choices) at the next step with reason "cancelled";
+        unknown ids are ignored."""
+        for seq in self.scheduler.choices(request_id):
             seq.cancel_requested = True
 
     # -- one iteration ------------------------------------------------------------------
@@ -196,22 +226,40 @@ class Engine(Drivers):
         now = time.perf_counter()
         for seq in admitted:
             seq.admitted_at = now
+        # Only a request's first choice carries pixels: n choices encode their images once.
         features = self._image_features([s for s in admitted if s.pixels is not None], out)
-        for seq in admitted:
-            if seq.finished:  # its images failed to encode
-                continue
-            seq.row = self.scheduler.next_row()
-            try:
-                logits = self.runner.prefill(seq.row, seq.prompt_ids, features.get(seq.request_id))  # (V,)
-            except Exception as exc:
-                self._fail(seq, _compute_error("prefill failed", exc), out)
-                continue
+        for group in by_request(admitted):
+            self._prefill_choices(group, features.get(group[0].request_id), out)
+
+    def _prefill_choices(self, choices: list[Sequence], features, out: StepOutput) -> None:
+        """Prefill one request into the next free row, sample each choice's first token
+        from its logits, then give every choice that goes on a row of its own."""
+        first = choices[0]
+        if first.finished:  # its images failed to encode: so did every choice's
+            for seq in choices[1:]:
+                self._fail(seq, first.error or GenerationError("image encoding failed"), out)
+            return
+        row = first.row = self.scheduler.next_row()
+        try:
+            logits = self.runner.prefill(row, first.prompt_ids, features)  # (V,)
+        except Exception as exc:
+            error = _compute_error("prefill failed", exc)
+            for seq in choices:
+                self._fail(seq, error, out)
+            return
+        self.stats["prefills"] += 1
+        self.stats["prompt_tokens"] += first.num_prompt_tokens
+        for seq in choices:
             seq.length = seq.num_prompt_tokens
             seq.pixels = None  # the features are in the cache row now
-            self.stats["prompt_tokens"] += seq.num_prompt_tokens
-            self._sample_and_accept([seq], logits[None], out)
-            if not seq.finished:
-                self.scheduler.start(seq)
+        self._sample_and_accept(choices, logits.expand(len(choices), -1), out)  # (n, V)
+        # Rows are packed: the first choice still going takes the prefilled row, the
+        # others copy it. A choice that ended on its first token never needs a row.
+        for seq in (s for s in choices if not s.finished):
+            seq.row = self.scheduler.next_row()
+            if seq.row != row:
+                self.runner.copy_row(row, seq.row, seq.length)
+            self.scheduler.start(seq)
 
     def _decode(self, out: StepOutput) -> None:
         seqs = list(self.scheduler.running)
@@ -230,7 +278,17 @@ class Engine(Drivers):
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
         """One token per row of (B, V) ``logits``; a row that fails here fails alone."""
         params = [s.request.sampling for s in seqs]
-        tokens, failed = sample_rows(logits, params, [s.generator for s in seqs], [s.seen() for s in seqs])
+        generators, seen = [s.generator for s in seqs], [s.seen() for s in seqs]
+        wanted = [s.request.top_logprobs if s.request.logprobs else None for s in seqs]
+        tokens, failed, logprobs = sample_rows(
+            logits,
+            params,
+            generators,
+            seen,
+            counts=[s.counts for s in seqs],
+            top_logprobs=wanted,
+            allowed=_grammar_masks(seqs),
+        )
         now = time.perf_counter()
         for b, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if b in failed:
@@ -238,7 +296,8 @@ class Engine(Drivers):
                 continue
             self.stats["generated_tokens"] += 1
             try:
-                out.emit(seq, seq.accept(token, now))  # detokenising and the stop checks
+                entry = token_logprob(logprobs[b], self._spell) if b in logprobs else None
+                out.emit(seq, seq.accept(token, now, entry))  # detokenising and the stop checks
             except Exception as exc:
                 self._fail(seq, exc, out)
 
@@ -266,10 +325,24 @@ class Engine(Drivers):
             self.stats[name] += value
         return {s.request_id: f for s, f in zip(seqs, features, strict=True)}
 
+    @property
+    def _spell(self) -> TokenBytes:
+        """Token id -> (text, bytes), built on first use: only logprobs need it."""
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.processor.tokenizer)
+        return self._token_bytes
+
     def _fail(self, seq: Sequence, error: Exception, out: StepOutput) -> None:
         if not seq.finished:
             seq.fail(error, time.perf_counter())
             out.emit(seq, "")
+
+
+def _grammar_masks(seqs: list[Sequence]) -> list[torch.Tensor | None] | None:
+    """The allowed-token mask of each constrained row; None (and no work) when none is."""
+    if all(s.matcher is None for s in seqs):
+        return None
+    return allowed_masks([s.matcher for s in seqs])
 
 
 def _compute_error(stage: str, exc: Exception) -> Exception:

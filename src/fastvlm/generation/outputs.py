@@ -7,32 +7,11 @@ fields are not keys, and an integer index walks the set fields in order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-
-class _Output:
-    def _set_fields(self) -> list[tuple[str, Any]]:
-        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
-
-    def __getitem__(self, key: str | int) -> Any:
-        if isinstance(key, int):
-            return self._set_fields()[key][1]
-        value = getattr(self, key, None)
-        if value is None:
-            raise KeyError(key)
-        return value
-
-    def __contains__(self, key: str) -> bool:
-        return getattr(self, key, None) is not None
-
-    def keys(self) -> list[str]:
-        return [name for name, _ in self._set_fields()]
-
-    def to_tuple(self) -> tuple:
-        return tuple(value for _, value in self._set_fields())
+from ..models.outputs import ModelOutput as _Output
 
 
 @dataclass

@@ -101,12 +101,12 @@ def _inputs(model, input_ids, pixel_values, inputs_embeds) -> tuple[torch.Tensor
         ids = input_ids.to(device)
         if ids.dim() != 2:
             raise InputError(f"input_ids must be (batch, length), not shape {tuple(ids.shape)}")
-        feats = model.get_image_features(pixel_values) if pixel_values is not None else None
+        feats = model.encode_images(pixel_values) if pixel_values is not None else None
         return ids, model.embed(ids, feats)
     if pixel_values is not None:
         raise InputError(
             "pass pixel_values with input_ids, not with inputs_embeds: inputs_embeds must already "
-            "hold the image features (model.embed(input_ids, model.get_image_features(pixel_values)))"
+            "hold the image features (model.embed(input_ids, model.encode_images(pixel_values)))"
         )
     embeds = inputs_embeds.to(device, model.dtype)
     if embeds.dim() != 3:

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ContextLengthError, InputError
 from ..processing.messages import is_batch
+from .constraints import CompiledGrammar
 from .feature_cache import image_key
 from .request import GenerationRequest
 
@@ -46,6 +47,7 @@ class PreparedRequest:
     image_keys: list[str]  # feature-cache key of each image ("" = do not cache)
     max_new_tokens: int  # the request's budget, fitted to the context when it asked for that
     added_at: float = field(default_factory=time.perf_counter)
+    grammar: CompiledGrammar | None = None  # the request's constraint, compiled
 
     @property
     def request_id(self) -> str:

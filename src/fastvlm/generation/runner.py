@@ -18,13 +18,14 @@ class ModelRunner:
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.device = model.device
+        self.vocab_size = model.config.text.vocab_size  # columns of the logits
         self.cache = model.new_cache(max_batch, max_seq_len)
         self._columns = torch.arange(max_seq_len, device=self.device)  # reused for positions and masks
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, S, S) pixels -> (n, N, H) projected features on the model device."""
-        return self.model.get_image_features(pixels)
+        return self.model.encode_images(pixels)
 
     @torch.inference_mode()
     def prefill(self, row: int, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
@@ -62,3 +63,7 @@ class ModelRunner:
 
     def move_row(self, src: int, dst: int) -> None:
         self.cache.move_row(src, dst)
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row ``dst`` continues from the first ``length`` keys of row ``src`` (shared prefill)."""
+        self.cache.copy_row(src, dst, length)

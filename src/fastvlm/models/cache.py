@@ -44,3 +44,9 @@ class KVCache:
         """Copy row ``src`` over row ``dst`` (keeps running sequences packed at the front)."""
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` columns of row ``src`` into row ``dst``: a prompt
+        prefilled once then continues in several rows (``n`` choices)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]

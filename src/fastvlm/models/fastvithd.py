@@ -133,6 +133,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, head_dim: int) -> None:
         super().__init__()
+        self.implementation = "sdpa"  # or "eager": explicit matmuls, as timm without fused attention
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
@@ -144,7 +145,10 @@ class Attention(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hd)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
+        if self.implementation == "eager":
+            x = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v  # (B, nh, N, hd)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
         x = self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
         return x.transpose(1, 2).reshape(B, C, H, W)
 

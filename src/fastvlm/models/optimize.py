@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import FastVLMError
+from .attention import IMPLEMENTATIONS
+from .fastvithd import Attention as VisionAttention
 from .quantize import quantize_int4, quantize_int8, replace_linears
 from .qwen2 import fuse_projections
 
@@ -38,6 +40,10 @@ class SpeedOptions:
     compile_vision: bool = False
     # float32 on CPU: store decoder weights as (in, out), which decoding reads faster.
     transposed_fp32: bool = True
+    # The decoder's multi-token attention kernel: "sdpa", "eager" (plain matmuls, the slow
+    # reference) or "flash_attention_2" (flash-attn on CUDA; SDPA where it cannot run).
+    attention: str = "sdpa"
+    vision_attention: str = "sdpa"  # the vision tower's: "sdpa" or "eager"
 
     @classmethod
     def off(cls) -> SpeedOptions:
@@ -58,6 +64,11 @@ def optimize(model: FastVLMCore, options: SpeedOptions = SpeedOptions()) -> Fast
     if options.fuse_projections:
         for layer in model.language_model.layers:
             fuse_projections(layer)
+    for layer in model.language_model.layers:
+        layer.self_attn.implementation = options.attention
+    for module in model.vision_tower.modules():
+        if isinstance(module, VisionAttention):
+            module.implementation = options.vision_attention
     tower = model.vision_tower
     if options.channels_last and not tower.channels_last:
         tower.to(memory_format=torch.channels_last)
@@ -78,6 +89,10 @@ def _check_options(model: FastVLMCore, options: SpeedOptions) -> None:
     """Refuse what cannot work before anything is changed, so a refusal leaves the model as it was."""
     if options.int8 and options.int4:
         raise FastVLMError("choose int8 or int4 weights, not both")
+    if options.attention not in IMPLEMENTATIONS:
+        raise FastVLMError(f"attention {options.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    if options.vision_attention not in ("sdpa", "eager"):
+        raise FastVLMError(f"vision_attention {options.vision_attention!r} is not 'sdpa' or 'eager'")
     if not (options.int8 or options.int4):
         return
     bits = "int8" if options.int8 else "int4"
@@ -183,6 +198,11 @@ class TransposedLinear(nn.Module):
         super().__init__()
         self.weight_t = nn.Parameter(weight_t, requires_grad=False)
         self.bias = bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out, in) view nn.Linear has, for code that reads ``lm_head.weight``."""
+        return self.weight_t.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.weight_t

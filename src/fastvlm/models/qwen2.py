@@ -10,11 +10,13 @@ builds the plain ones and ``models.optimize`` swaps the fused ones in.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from .activations import activation
+from .attention import attend
 from .cache import KVCache
+from .rope import rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -31,19 +33,18 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, rope_parameters: dict) -> None:
         super().__init__()
         # Not a buffer: the model is built on the meta device and this is cheap to recompute.
         self.head_dim = head_dim
-        self.theta = theta
+        self.rope_parameters = dict(rope_parameters)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in float32 whatever the model dtype: bf16 positions lose precision past 256.
-        exponent = torch.arange(0, self.head_dim, 2, device=position_ids.device).float() / self.head_dim
-        inv_freq = 1.0 / self.theta**exponent  # (hd/2,)
+        inv_freq, scale = rope_frequencies(self.head_dim, self.rope_parameters, position_ids.device)
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -58,11 +59,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Rotary GQA attention with q/k/v bias, over an optional KV cache."""
+    """Rotary GQA attention with q/k/v bias, over an optional KV cache.
+
+    ``implementation`` picks the kernel for multi-token queries ("sdpa", "eager" or
+    "flash_attention_2"; see ``models.attention``); ``models.optimize`` sets it.
+    """
 
     def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.implementation = "sdpa"
+        self.dropout = cfg.attention_dropout
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -99,12 +106,11 @@ class Attention(nn.Module):
             k, v = cache.read(self.layer_idx, rows, kv_len)  # (B, nkv, S, hd)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nkv, T, hd)
-        if T == 1:
+        dropout = self.dropout if self.training else 0.0
+        if T == 1 and self.implementation != "eager" and not dropout:
             out = decode_attention(q, k, v, mask)
         else:
-            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(nh // nkv, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            out = attend(self.implementation, q, k, v, mask, dropout)  # (B, nh, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh*hd) -> (B, T, D)
 
 
@@ -136,13 +142,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = activation(cfg.hidden_act, "text_config.hidden_act")
 
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -170,7 +177,7 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_parameters)
 
     def forward(
         self,
@@ -230,7 +237,9 @@ class FusedAttention(Attention):
 
     def __init__(self, plain: Attention) -> None:
         nn.Module.__init__(self)  # the projections come from ``plain``, not from a config
-        self.layer_idx = plain.layer_idx
+        self.training = plain.training  # a new module starts in training mode; keep eval (no dropout)
+        self.layer_idx, self.implementation = plain.layer_idx, plain.implementation
+        self.dropout = plain.dropout
         self.num_heads, self.num_kv_heads, self.head_dim = plain.num_heads, plain.num_kv_heads, plain.head_dim
         qk_size = plain.q_proj.out_features + plain.k_proj.out_features
         self.qkv_proj = FusedLinear(
@@ -249,6 +258,7 @@ class FusedMLP(MLP):
         nn.Module.__init__(self)  # the projections come from ``plain``, not from a config
         self.gate_up_proj = FusedLinear([plain.gate_proj, plain.up_proj])
         self.down_proj = plain.down_proj
+        self.act = plain.act
 
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_up_proj(x)

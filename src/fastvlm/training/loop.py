@@ -78,7 +78,7 @@ class TargetLoss(nn.Module):
         m = self.model
         input_ids = input_ids.to(m.device)
         B, T = input_ids.shape
-        features = m.get_image_features(pixel_values) if pixel_values is not None else None
+        features = m.encode_images(pixel_values) if pixel_values is not None else None
         embeds = m.embed(input_ids, features)  # (B, T, D)
         positions = torch.arange(T, device=m.device).expand(B, T)
         # No padding (one row, or rows of equal length): plain causal attention, SDPA's fast path.
