@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 
 import builders
@@ -60,11 +59,6 @@ BATCH_SIZE = 3
 NUM_IMAGE_TOKENS = (VISION_CONFIG["image_size"] // VISION_CONFIG["patch_size"]) ** 2
 SEQ_LENGTH = 7 + NUM_IMAGE_TOKENS
 MAX_NEW_TOKENS = 3  # GenerationTesterMixin.max_new_tokens
-
-
-def needs(what: str) -> pytest.MarkDecorator:
-    """A ported test of model surface that is being added alongside these ports."""
-    return pytest.mark.xfail(reason=f"needs {what}", strict=False)
 
 
 @dataclass

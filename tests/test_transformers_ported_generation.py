@@ -21,7 +21,6 @@ from ported_tester import (
     build_pair,
     inputs_for_generate,
     logits_processor_kwargs,
-    needs,
 )
 
 torch.set_grad_enabled(False)
@@ -77,7 +76,6 @@ def test_greedy_generate(pair):
     assert ours.tolist() == theirs.tolist()
 
 
-@needs("the decoder's hidden_act honoured (config audit)")
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_greedy_generate_dict_outputs(pair, use_cache):
     """GenerationTesterMixin.test_greedy_generate_dict_outputs (use_cache=False) and
@@ -108,7 +106,6 @@ def test_sample_generate(pair):
     assert ours.tolist() == theirs.tolist()
 
 
-@needs("the decoder's hidden_act honoured (config audit)")
 def test_sample_generate_dict_output(pair):
     """GenerationTesterMixin.test_sample_generate_dict_output (num_return_sequences=2)."""
     kwargs = dict(
@@ -231,7 +228,6 @@ def test_generate_with_static_cache(pair):
     assert static.tolist() == pair.ours.generate(**inputs_for_generate(), **greedy).tolist()
 
 
-@needs("from_pretrained(device_map=...)")
 def test_model_parallel_beam_search(pair):
     """GenerationTesterMixin.test_model_parallel_beam_search: a model loaded with
     device_map="auto" runs beam search (one device here)."""

@@ -26,7 +26,6 @@ from ported_tester import (
     TEXT_CONFIG,
     build_pair,
     inputs_for_common,
-    needs,
 )
 
 torch.set_grad_enabled(False)
@@ -48,7 +47,6 @@ def assert_close_where(got: torch.Tensor, expected: torch.Tensor, mask: torch.Te
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=ATOL, rtol=0)
 
 
-@needs("the decoder's hidden_act honoured (config audit)")
 def test_forward_matches_the_reference(pair):
     """ModelTesterMixin.test_model_outputs_equivalence / the tester's forward: logits of shape
     (batch, seq, vocab), here also equal to transformers' on the same weights."""
@@ -116,7 +114,6 @@ def test_save_load(pair, tmp_path):
     assert_close_where(logits_of(theirs, inputs), expected, inputs["attention_mask"])
 
 
-@needs("config.text_config / vision_config views")
 def test_config_common_properties(pair):
     """FastVlmForConditionalGenerationModelTest.test_config (ConfigTester with
     common_properties=["image_token_id"]) and the sub-config views transformers code reads."""
@@ -136,7 +133,6 @@ def test_config_common_properties(pair):
     assert ours.vision_config.hidden_size == ref.vision_config.hidden_size
 
 
-@needs("get/set_input_embeddings and get_output_embeddings")
 def test_model_get_set_embeddings(pair, tmp_path):
     """ModelTesterMixin.test_model_get_set_embeddings."""
     model = FastVLM.from_pretrained(pair.folder, dtype=torch.float32, progress=False)
@@ -148,7 +144,6 @@ def test_model_get_set_embeddings(pair, tmp_path):
     assert head is None or isinstance(head, nn.Module) and hasattr(head, "weight")
 
 
-@needs("forward(inputs_embeds=...)")
 def test_inputs_embeds_matches_input_ids(pair):
     """ModelTesterMixin.test_inputs_embeds_matches_input_ids: text-only ids (image tokens
     replaced by the pad id, pixel values dropped) and their embeddings give the same logits."""
@@ -161,7 +156,6 @@ def test_inputs_embeds_matches_input_ids(pair):
     torch.testing.assert_close(got, pair.ref(inputs_embeds=embeds).logits, atol=ATOL, rtol=0)
 
 
-@needs("forward(inputs_embeds=...)")
 def test_inputs_embeds_with_images(pair):
     """ModelTesterMixin.test_inputs_embeds, multimodal: embeddings of ids that still hold the
     image tokens, with pixel values, give transformers' logits."""
@@ -171,7 +165,6 @@ def test_inputs_embeds_with_images(pair):
     torch.testing.assert_close(pair.ours(**kwargs).logits, pair.ref(**kwargs).logits, atol=ATOL, rtol=0)
 
 
-@needs("get_image_features returning an output with pooler_output")
 def test_get_image_features(pair):
     """ModelTesterMixin.test_get_image_features_output (the original skips only its shape
     check, FastVLM's hidden size sits at index -3): the output object's pooler_output is
@@ -183,7 +176,6 @@ def test_get_image_features(pair):
     torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=ATOL, rtol=0)
 
 
-@needs("from_pretrained(attn_implementation=...)")
 @pytest.mark.parametrize("attn", ["eager", "sdpa", {"text_config": "flash_attention_2"}])
 def test_attn_implementations_give_the_same_logits(pair, attn):
     """ModelTesterMixin.test_eager_matches_sdpa_inference / test_sdpa_can_dispatch_composite_models:
@@ -200,7 +192,6 @@ def test_attn_implementations_give_the_same_logits(pair, attn):
     assert_close_where(logits_of(model, inputs), logits_of(pair.ref, inputs), inputs["attention_mask"])
 
 
-@needs("from_pretrained(attn_implementation=...)")
 def test_flash_attention_for_the_whole_model_is_refused(pair):
     """test_sdpa_can_dispatch_composite_models' counterpart: the timm tower has no flash
     attention, so transformers refuses "flash_attention_2" for the whole model; so do we."""
@@ -209,7 +200,6 @@ def test_flash_attention_for_the_whole_model_is_refused(pair):
     assert "\n" not in str(info.value)
 
 
-@needs('from_pretrained(dtype="auto") as the checkpoint dtype')
 def test_dtype_auto_is_the_checkpoints_dtype(pair, tmp_path):
     """PreTrainedModel.from_pretrained(dtype="auto") (tests/utils/test_modeling_utils.py):
     the weights keep the dtype the checkpoint stores."""
