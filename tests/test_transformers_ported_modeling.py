@@ -204,6 +204,35 @@ def test_dtype_auto_is_the_checkpoints_dtype(pair, tmp_path):
     """PreTrainedModel.from_pretrained(dtype="auto") (tests/utils/test_modeling_utils.py):
     the weights keep the dtype the checkpoint stores."""
     assert FastVLM.from_pretrained(pair.folder, dtype="auto", progress=False).dtype == torch.float32
-    pair.ref.to(torch.bfloat16).save_pretrained(tmp_path)
-    pair.ref.to(torch.float32)
+    copy.deepcopy(pair.ref).to(torch.bfloat16).save_pretrained(tmp_path)  # the shared one stays float32
     assert FastVLM.from_pretrained(tmp_path, dtype="auto", progress=False).dtype == torch.bfloat16
+
+
+def test_model_outputs_equivalence(pair):
+    """ModelTesterMixin.test_model_outputs_equivalence: return_dict=False gives the same
+    values as a tuple."""
+    inputs = inputs_for_common()
+    as_tuple = pair.ours(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], pair.ours(**inputs).logits, atol=0, rtol=0)
+
+
+def test_logits_to_keep(pair):
+    """GenerationTesterMixin.test_generate_methods_with_logits_to_keep (its forward part):
+    logits_to_keep=1 gives the last position's logits only, transformers' values."""
+    inputs = inputs_for_common()
+    last = pair.ours(**inputs, logits_to_keep=1).logits
+    assert last.shape == (BATCH_SIZE, 1, TEXT_CONFIG["vocab_size"])
+    torch.testing.assert_close(last, pair.ours(**inputs).logits[:, -1:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(last, pair.ref(**inputs, logits_to_keep=1).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["output_attentions", "output_hidden_states", "use_cache"])
+def test_attention_and_hidden_state_outputs_are_refused(pair, name):
+    """ModelTesterMixin.test_attention_outputs / test_hidden_states_output /
+    test_retain_grad_hidden_states_attentions (and the cache of test_past_key_values_format):
+    the FastVLM tester skips attentions for the timm tower; we return neither attentions,
+    hidden states nor a cache from forward, and say so in one line."""
+    with pytest.raises(FastVLMError, match=name) as info:
+        pair.ours(**inputs_for_common(), **{name: True})
+    assert "\n" not in str(info.value)
