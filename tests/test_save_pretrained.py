@@ -11,7 +11,7 @@ from PIL import Image
 
 from builders import IMAGE_SIZE, build_reference, save_reference, tiny_checkpoint
 from fastvlm import FastVLM, FastVLMProcessor
-from fastvlm.errors import CheckpointError, FastVLMError
+from fastvlm.errors import CheckpointError, FastVLMError, InputError
 from fastvlm.models.optimize import SpeedOptions
 
 IMAGE_ID = 151646
@@ -211,3 +211,22 @@ def test_an_apple_processor_is_refused_in_one_line(apple_dir, tmp_path):
     with pytest.raises(CheckpointError, match="padded to a square") as info:
         processor.save_pretrained(tmp_path / "out")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"safe_serialization": False}, "safe_serialization"),
+        ({"push_to_hub": True}, "push_to_hub"),
+        ({"x": 1}, "'x'"),
+    ],
+)
+def test_options_we_cannot_honour_are_refused_in_one_line(tiny_checkpoint_dir, tmp_path, kwargs, named):
+    model = FastVLM.from_pretrained(tiny_checkpoint_dir, progress=False)
+    processor = FastVLMProcessor.from_pretrained(tiny_checkpoint_dir)
+    for save in (model.save_pretrained, processor.save_pretrained):
+        with pytest.raises(InputError, match=named) as info:
+            save(tmp_path / "out", **kwargs)
+        assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+    model.save_pretrained(tmp_path / "ok", safe_serialization=True, push_to_hub=False)
+    assert (tmp_path / "ok" / "model.safetensors").is_file()

@@ -80,16 +80,21 @@ class FastVLM(FastVLMCore):
         return out if return_dict else out.to_tuple()
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        **kwargs: Any,
     ) -> None:
         """Write a transformers ``fast_vlm`` checkpoint (config.json, safetensors weights,
         generation_config.json) that ``FastVlmForConditionalGeneration.from_pretrained``
         and ``FastVLM.from_pretrained`` load, whichever format this model came from.
 
-        Speed switches are undone in the files; int8/int4 models are refused.
+        Speed switches are undone in the files; int8/int4 models are refused, and so are
+        transformers options we cannot honour (``safe_serialization=False``, ``push_to_hub``).
         """
         defaults = {k: v for k, v in checkpoint_generation_config(self).to_dict().items() if v is not None}
-        save_model(self, save_directory, max_shard_size=max_shard_size, generation=defaults)
+        save_model(self, save_directory, max_shard_size=max_shard_size, generation=defaults, **kwargs)
 
     @torch.inference_mode()
     def generate(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..config import FastVLMConfig, VisionConfig
-from ..errors import CheckpointError, FastVLMError
+from ..errors import CheckpointError, FastVLMError, InputError
 from ..models.quantize import QuantizedLinear
 from .keymap import ours_to_hf, unfold_ffn_conv
 
@@ -47,16 +47,37 @@ _TIMM_ARGS = (
 )
 
 
+# transformers' save_pretrained options and the value we can honour (anything else is refused).
+_SAVE_OPTIONS = {
+    "safe_serialization": (True, "weights are written as safetensors only"),
+    "push_to_hub": (False, "upload the folder with huggingface_hub's upload_folder"),
+    "is_main_process": (True, "call save_pretrained on the main process only"),
+}
+
+
+def check_save_options(options: dict[str, Any]) -> None:
+    """One line for a transformers ``save_pretrained`` option we do not honour."""
+    for name, value in options.items():
+        if name not in _SAVE_OPTIONS:
+            raise InputError(f"save_pretrained does not take {name!r}")
+        honoured, hint = _SAVE_OPTIONS[name]
+        if value != honoured:
+            raise InputError(f"save_pretrained does not support {name}={value!r}: {hint}")
+
+
 def save_model(
     model: torch.nn.Module,
     folder: str | Path,
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     generation: dict[str, Any] | None = None,
+    **options: Any,
 ) -> Path:
-    """Write ``model`` (a ``FastVLMCore``) to ``folder`` in the transformers layout."""
+    """Write ``model`` (a ``FastVLMCore``) to ``folder`` in the transformers layout.
+    ``options``: transformers' other save_pretrained arguments, checked by ``check_save_options``."""
     from huggingface_hub import save_torch_state_dict
 
+    check_save_options(options)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder} is a file; pass a folder to save the checkpoint in")

@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoints.files import read_config_json
 from ..checkpoints.hub import resolve_checkpoint
+from ..checkpoints.writer import check_save_options
 from ..config import Format, detect_format
 from ..errors import ContextLengthError, InputError
 from .assistant_mask import build_assistant_masks
@@ -85,9 +86,11 @@ class FastVLMProcessor:
         )
         return cls(tokenizer, settings, options)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
         """Write the tokenizer, chat template and image settings as transformers'
-        LlavaProcessor saves them (``AutoProcessor`` loads the folder); returns the files."""
+        LlavaProcessor saves them (``AutoProcessor`` loads the folder); returns the files.
+        An Apple-layout processor is refused (its padded-square images have no CLIP form)."""
+        check_save_options(kwargs)
         return save_processor(self.tokenizer, self.settings, save_directory)
 
     # -- what the model needs to know ------------------------------------------------
