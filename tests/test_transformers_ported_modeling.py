@@ -48,8 +48,8 @@ def assert_close_where(got: torch.Tensor, expected: torch.Tensor, mask: torch.Te
 
 
 def test_forward_matches_the_reference(pair):
-    """ModelTesterMixin.test_model_outputs_equivalence / the tester's forward: logits of shape
-    (batch, seq, vocab), here also equal to transformers' on the same weights."""
+    """The tester's forward on prepare_config_and_inputs_for_common (what every ModelTesterMixin
+    check starts from): logits of shape (batch, seq, vocab), here equal to transformers'."""
     inputs = inputs_for_common()
     got = logits_of(pair.ours, inputs)
     assert got.shape == (BATCH_SIZE, SEQ_LENGTH, TEXT_CONFIG["vocab_size"])
