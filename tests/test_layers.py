@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "generation": 5,
     "modeling": 6,
     "modeling_args": 6,
+    "results": 6,
     "api": 7,
     "cli_options": 7,
     "cli": 8,
