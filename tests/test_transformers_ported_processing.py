@@ -5,70 +5,22 @@
 tests/test_transformers_compat_processor.py already ports the llava file's
 ``test_get_num_vision_tokens`` and ``test_special_mm_token_truncation`` and the mixin's
 chat-template defaults, ``continue_final_message``, padding, ``return_tensors`` and decode
-checks; this file ports the rest that applies. Each test names its original.
+checks; the mixin's ``apply_chat_template`` checks are in
+tests/test_transformers_ported_chat_template.py. Each test names its original.
 """
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import torch
 import transformers
-from PIL import Image
 
-import builders
 from fastvlm.errors import InputError
 from fastvlm.processing import FastVLMProcessor
+from ported_processor import PHOTO, assert_same, ours, prepare_image_inputs, prepare_text_inputs, ref, saved
 
-PHOTO = str(builders.shared_assets() / "images" / "000000039769.png")  # a local stand-in for coco_sample.png
-
-
-@pytest.fixture(scope="module")
-def saved(tiny_checkpoint_dir, tmp_path_factory):
-    """The mixin's setUpClass: the processor saved once; its config.json is the model's."""
-    folder = tmp_path_factory.mktemp("ported_processing")
-    (folder / "config.json").write_text((tiny_checkpoint_dir / "config.json").read_text())
-    FastVLMProcessor.from_pretrained(tiny_checkpoint_dir).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def ours(saved):
-    return FastVLMProcessor.from_pretrained(saved)
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_checkpoint_dir):
-    processor = transformers.AutoProcessor.from_pretrained(tiny_checkpoint_dir)
-    processor.tokenizer.padding_side = "left"
-    return processor
-
-
-def prepare_text_inputs(batch_size: int | None = None, image: bool = True):
-    """ProcessorTesterMixin.prepare_text_inputs(modalities="image")."""
-    token = "<image>" if image else ""
-    if batch_size is None:
-        return f"lower newer {token}"
-    return [f"lower newer {token}", f" {token} upper older longer string"] + [f"lower newer {token}"] * (
-        batch_size - 2
-    )
-
-
-def prepare_image_inputs(batch_size: int | None = None):
-    """ProcessorTesterMixin.prepare_image_inputs: random 400x30 pictures."""
-    rng = np.random.default_rng(0)
-    picture = Image.fromarray(np.moveaxis(rng.integers(0, 255, (3, 30, 400), dtype=np.uint8), 0, -1))
-    return picture if batch_size is None else [picture] * batch_size
-
-
-def assert_same(got, expected) -> None:
-    assert set(got.keys()) == set(expected.keys())
-    for key in expected:
-        torch.testing.assert_close(
-            torch.as_tensor(got[key]).to(expected[key].dtype), expected[key], atol=1e-5, rtol=0
-        )
+__all__ = ["ours", "ref", "saved"]  # fixtures
 
 
 def test_chat_template_is_saved(ours, ref, saved):
@@ -260,143 +212,3 @@ def test_size_changing_and_unknown_options_are_refused(ours, kwargs, named):
     change the image token count the model expects, so the checkpoint's size is fixed."""
     with pytest.raises(InputError, match=named):
         ours(text=prepare_text_inputs(), images=prepare_image_inputs(), **kwargs)
-
-
-# ---- chat templates ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_apply_chat_template_image(ours, ref, batch_size):
-    """ProcessorTesterMixin.test_apply_chat_template_image (_test_apply_chat_template with
-    return_tensors="pt"), with a local image path where the original downloads a URL."""
-    batch_messages = [
-        [
-            {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
-            {"role": "user", "content": [{"type": "text", "text": "Describe this."}]},
-        ]
-        for _ in range(batch_size)
-    ]
-    formatted_prompt = ours.apply_chat_template(batch_messages, add_generation_prompt=True, tokenize=False)
-    assert len(formatted_prompt) == batch_size
-    assert formatted_prompt == ref.apply_chat_template(
-        batch_messages, add_generation_prompt=True, tokenize=False
-    )
-    tokenized = ours.apply_chat_template(
-        batch_messages, add_generation_prompt=True, tokenize=True, return_tensors="pt"
-    )
-    expected = ours.tokenizer(formatted_prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]
-    assert expected.tolist() == tokenized.tolist()
-    tokenized_100 = ours.apply_chat_template(
-        batch_messages,
-        add_generation_prompt=True,
-        tokenize=True,
-        padding="max_length",
-        truncation=True,
-        return_tensors="pt",
-        max_length=100,
-    )
-    assert len(tokenized_100[0]) == 100
-    out_dict_text = ours.apply_chat_template(
-        batch_messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    assert {"input_ids", "attention_mask"} <= set(out_dict_text.keys())
-    assert len(out_dict_text["input_ids"]) == len(out_dict_text["attention_mask"]) == batch_size
-    for messages in batch_messages:
-        messages[1]["content"] = [messages[1]["content"][0], {"type": "image", "path": PHOTO}]
-    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-    out_dict = ours.apply_chat_template(batch_messages, **kwargs)
-    assert (
-        len(out_dict["input_ids"])
-        == len(out_dict["attention_mask"])
-        == len(out_dict["pixel_values"])
-        == batch_size
-    )
-    assert all(isinstance(value, torch.Tensor) for value in out_dict.values())
-    assert_same(out_dict, ref.apply_chat_template(batch_messages, **kwargs))
-    assistant_message = {"role": "assistant", "content": [{"type": "text", "text": "It is the sound of"}]}
-    batch_messages = [messages + [assistant_message] for messages in batch_messages]
-    for prompt in ours.apply_chat_template(batch_messages, continue_final_message=True, tokenize=False):
-        assert prompt.endswith("It is the sound of")  # no `eos` token at the end
-
-
-def test_chat_template_jinja_kwargs(ours, ref):
-    """ProcessorTesterMixin.test_chat_template_jinja_kwargs: extra keyword arguments reach the template."""
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "text", "text": "Which of these animals is making the sound?"}],
-        },
-        {"role": "assistant", "content": [{"type": "text", "text": "It is a cow."}]},
-    ]
-    dummy_template = (
-        "{% for message in messages %}"
-        "{% if add_system_prompt %}"
-        "{{'You are a helpful assistant.'}}"
-        "{% endif %}"
-        "{% if (message['role'] != 'assistant') %}"
-        "{{'<|special_start|>' + message['role'] + '\n' + message['content'][0]['text']"
-        " + '<|special_end|>' + '\n'}}"
-        "{% elif (message['role'] == 'assistant')%}"
-        "{{'<|special_start|>' + message['role'] + '\n'}}"
-        "{{message['content'][0]['text'] + '<|special_end|>' + '\n'}}"
-        "{% endif %}"
-        "{% endfor %}"
-    )
-    formatted_prompt = ours.apply_chat_template(
-        messages, add_system_prompt=True, tokenize=False, chat_template=dummy_template
-    )
-    expected_prompt = (
-        "You are a helpful assistant.<|special_start|>user\nWhich of these animals is making the sound?"
-        "<|special_end|>\nYou are a helpful assistant.<|special_start|>assistant\n"
-        "It is a cow.<|special_end|>\n"
-    )
-    assert formatted_prompt == expected_prompt
-    assert formatted_prompt == ref.apply_chat_template(
-        messages, add_system_prompt=True, tokenize=False, chat_template=dummy_template
-    )
-
-
-def test_apply_chat_template_assistant_mask(ours, ref):
-    """ProcessorTesterMixin.test_apply_chat_template_assistant_mask (and transformers' masks
-    on the same batch, left padded)."""
-    turns = [
-        ("user", "What is the capital of France?"),
-        ("assistant", "The capital of France is Paris."),
-        ("user", "What about Italy?"),
-        ("assistant", "The capital of Italy is Rome."),
-    ]
-    conversation = [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in turns]
-    messages = [conversation, conversation[:2]]
-    dummy_template = (
-        "{% for message in messages %}"
-        "{% if (message['role'] != 'assistant') %}"
-        "{{'<|special_start|>' + message['role'] + '\n' + message['content'][0]['text']"
-        " + '<|special_end|>' + '\n'}}"
-        "{% elif (message['role'] == 'assistant')%}"
-        "{{'<|special_start|>' + message['role'] + '\n'}}"
-        "{% generation %}"
-        "{{message['content'][0]['text'] + '<|special_end|>' + '\n'}}"
-        "{% endgeneration %}"
-        "{% endif %}"
-        "{% endfor %}"
-    )
-    kwargs = dict(
-        add_generation_prompt=False,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        return_assistant_tokens_mask=True,
-        chat_template=dummy_template,
-        padding=True,
-    )
-    inputs = ours.apply_chat_template(messages, **kwargs)
-    assert "assistant_masks" in inputs and len(inputs["assistant_masks"]) == len(inputs["input_ids"])
-    assistant_ids = inputs["input_ids"][0][inputs["assistant_masks"][0].bool()]
-    assistant_text = (
-        "The capital of France is Paris.<|special_end|>\nThe capital of Italy is Rome.<|special_end|>\n"
-    )
-    assert ours.decode(assistant_ids) == assistant_text
-    expected = ref.apply_chat_template(messages, **kwargs)
-    assert inputs["assistant_masks"].tolist() == torch.as_tensor(expected["assistant_masks"]).tolist()
-    with pytest.raises(InputError, match="return_dict"):
-        ours.apply_chat_template(messages, tokenize=True, return_assistant_tokens_mask=True)
