@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from .checkpoints.loader import load_model
+from .checkpoints.writer import DEFAULT_MAX_SHARD_SIZE, save_model
+from .generation.generation_config import checkpoint_generation_config
 from .generation.simple import generate
 from .modeling_args import forward_kwargs, plan_load
 from .models.fastvlm import CausalLMOutput, FastVLMCore
@@ -76,6 +78,23 @@ class FastVLM(FastVLMCore):
         ours, return_dict = forward_kwargs(kwargs)
         out = super().forward(input_ids, pixel_values, attention_mask, **ours)
         return out if return_dict else out.to_tuple()
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        **kwargs: Any,
+    ) -> None:
+        """Write a transformers ``fast_vlm`` checkpoint (config.json, safetensors weights,
+        generation_config.json) that ``FastVlmForConditionalGeneration.from_pretrained``
+        and ``FastVLM.from_pretrained`` load, whichever format this model came from.
+
+        Speed switches are undone in the files; int8/int4 models are refused, and so are
+        transformers options we cannot honour (``safe_serialization=False``, ``push_to_hub``).
+        """
+        defaults = {k: v for k, v in checkpoint_generation_config(self).to_dict().items() if v is not None}
+        save_model(self, save_directory, max_shard_size=max_shard_size, generation=defaults, **kwargs)
 
     @torch.inference_mode()
     def generate(

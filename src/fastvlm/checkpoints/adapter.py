@@ -14,7 +14,6 @@ uses ``peft``.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .keymap import HF_TO_OURS, hf_to_ours
+from .keymap import hf_to_ours, ours_to_hf, unfold_ffn_conv
 from .safetensors_io import SafetensorsReader
 
 CONFIG_NAME = "adapter_config.json"
@@ -46,13 +45,6 @@ class LoraSettings:
     @property
     def scale(self) -> float:
         return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
-
-
-def ours_to_hf(name: str) -> str:
-    for hf, ours in HF_TO_OURS.items():
-        if name.startswith(ours):
-            return hf + name[len(ours) :]
-    raise ValueError(f"no transformers name for {name!r}")
 
 
 def peft_config(settings: LoraSettings, base: str | None) -> dict[str, Any]:
@@ -96,30 +88,6 @@ def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], settings: LoraS
     save_file(named, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     text = json.dumps(peft_config(settings, base), indent=2)
     (folder / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
-
-
-BN_EPS = 1e-5  # timm's BatchNorm2d default, which the loader's folding assumes
-_FFN_CONV = re.compile(r"^(vision_tower\..*\.mlp\.conv\.)(weight|bias)$")
-
-
-def unfold_ffn_conv(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Our folded ConvFFN conv -> timm's conv + BatchNorm (identity statistics, our bias).
-
-    Checkpoints and timm keep the BatchNorm; we fold it at load. Other tensors pass as is.
-    """
-    match = _FFN_CONV.match(name)
-    if match is None:
-        return {name: tensor}
-    p = match.group(1)
-    if match.group(2) == "weight":
-        return {p + "conv.weight": tensor}
-    return {
-        p + "bn.bias": tensor,
-        p + "bn.weight": torch.ones_like(tensor),
-        p + "bn.running_mean": torch.zeros_like(tensor),
-        p + "bn.running_var": torch.full_like(tensor, 1.0 - BN_EPS),
-        p + "bn.num_batches_tracked": torch.tensor(0),
-    }
 
 
 def _fold_vision(whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from ..config import VisionConfig
 
 # transformers (fast_vlm) prefix -> our module prefix.
@@ -96,3 +98,36 @@ def hf_to_ours(key: str) -> str | None:
         if key.startswith(old):
             return new + key[len(old) :]
     return None
+
+
+def ours_to_hf(name: str) -> str:
+    """Our module name -> the transformers (fast_vlm) key."""
+    for hf, ours in HF_TO_OURS.items():
+        if name.startswith(ours):
+            return hf + name[len(ours) :]
+    raise ValueError(f"no transformers name for {name!r}")
+
+
+BN_EPS = 1e-5  # timm's BatchNorm2d default, which the loader's folding assumes
+_FFN_CONV = re.compile(r"^(vision_tower\..*\.mlp\.conv\.)(weight|bias)$")
+
+
+def unfold_ffn_conv(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Our folded ConvFFN conv -> timm's conv + BatchNorm (identity statistics, our bias).
+
+    Checkpoints and timm keep the BatchNorm; we fold it at load. Other tensors pass as is.
+    With running_var = 1 - eps the BatchNorm divides by exactly 1, so it only adds the bias.
+    """
+    match = _FFN_CONV.match(name)
+    if match is None:
+        return {name: tensor}
+    p = match.group(1)
+    if match.group(2) == "weight":
+        return {p + "conv.weight": tensor}
+    return {
+        p + "bn.bias": tensor,
+        p + "bn.weight": torch.ones_like(tensor),
+        p + "bn.running_mean": torch.zeros_like(tensor),
+        p + "bn.running_var": torch.full_like(tensor, 1.0 - BN_EPS),
+        p + "bn.num_batches_tracked": torch.tensor(0),
+    }

@@ -1,6 +1,6 @@
 """Read tensors out of a .safetensors file one at a time with plain file reads.
 
-This is why fastvlm does not depend on the ``safetensors`` package: its ``safe_open``
+This is why fastvlm reads weights itself (it uses ``safetensors`` only to write them): ``safe_open``
 memory-maps the file, and every page a tensor touched stays resident and counted
 against the process until the file is closed. When a tensor is kept as stored that
 costs nothing extra, but the loader converts (dtype casts, training-form fusion in

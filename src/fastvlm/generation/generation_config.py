@@ -44,6 +44,7 @@ class GenerationConfig:
     early_stopping: bool | str | None = None
     no_repeat_ngram_size: int | None = None
     bad_words_ids: list[list[int]] | None = None
+    remove_invalid_values: bool | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -102,6 +103,7 @@ DEFAULTS = GenerationConfig(
     length_penalty=1.0,
     early_stopping=False,
     no_repeat_ngram_size=0,
+    remove_invalid_values=False,
     use_cache=True,
     return_dict_in_generate=False,
     output_scores=False,
@@ -115,6 +117,7 @@ _UNSUPPORTED_OFF: dict[str, Any] = {
     "num_beam_groups": 1,
     "diversity_penalty": 0.0,
     "penalty_alpha": None,
+    "dola_layers": None,  # transformers runs DoLa as hub code (transformers-community/dola)
     "typical_p": 1.0,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
@@ -128,7 +131,6 @@ _UNSUPPORTED_OFF: dict[str, Any] = {
     "exponential_decay_length_penalty": None,
     "encoder_repetition_penalty": 1.0,
     "encoder_no_repeat_ngram_size": 0,
-    "remove_invalid_values": False,
     "renormalize_logits": False,
     "stop_strings": None,
     "max_time": None,
@@ -163,7 +165,6 @@ _BOOKKEEPING = {
     "assistant_lookbehind",
     "target_lookbehind",
     "assistant_early_exit",
-    "dola_layers",
     "token_healing",
     "disable_compile",
     "trust_remote_code",

@@ -29,8 +29,10 @@ class RepetitionPenalty:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         V = scores.shape[-1]
         if self.pad_lengths is not None:
+            pads = self.pad_lengths  # (B,), while beams and returned copies make B * n adjacent rows
+            pads = pads.repeat_interleave(input_ids.shape[0] // pads.shape[0])
             cols = torch.arange(input_ids.shape[1], device=input_ids.device)
-            input_ids = input_ids.masked_fill(cols[None] < self.pad_lengths[:, None], V)
+            input_ids = input_ids.masked_fill(cols[None] < pads[:, None], V)
         ids = input_ids.clamp(max=V)
         padded = torch.nn.functional.pad(scores, (0, 1))  # (B, V + 1): column V absorbs ignored ids
         picked = padded.gather(1, ids)
@@ -94,6 +96,16 @@ class MinLength:
         out = scores.clone()
         out[:, self.eos_ids] = NEG_INF
         return out
+
+
+class InfNanRemove:
+    """NaN -> 0 and +/-inf -> the dtype's largest/smallest finite value (``remove_invalid_values``)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        finfo = torch.finfo(scores.dtype)
+        out = torch.where(scores.isnan(), 0.0, scores)
+        out = torch.where(scores == float("inf"), finfo.max, out)
+        return torch.where(scores == NEG_INF, finfo.min, out)
 
 
 class Temperature:
@@ -168,6 +180,8 @@ def build_processors(
         out.append(NoBadWords(cfg.bad_words_ids, eos_ids))
     if cfg.min_length and eos_ids:
         out.append(MinLength(cfg.min_length, eos_ids))
+    if cfg.remove_invalid_values:
+        out.append(InfNanRemove())
     out.extend(custom)
     if cfg.do_sample:
         # Beam sampling keeps one more candidate than there are stop ids, as transformers does.

@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import CheckpointError, InputError
@@ -52,6 +53,22 @@ def render_chat_template(
     Raises CheckpointError if the template is broken, InputError if it rejects the
     conversation (``raise_exception`` in the template).
     """
+    return _render(source, messages, add_generation_prompt, special_tokens, track=False)
+
+
+def render_with_generation_spans(
+    source: str,
+    messages: list[dict[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    special_tokens: Mapping[str, str] | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt and the (start, end) character spans of its ``{% generation %}`` blocks."""
+    marked = _render(source, messages, add_generation_prompt, special_tokens, track=True)
+    return _strip_generation_marks(marked)
+
+
+def _render(source, messages, add_generation_prompt, special_tokens, *, track: bool) -> str:
     template = compile_chat_template(source)
     variables = dict(special_tokens or {})
     try:
@@ -61,6 +78,7 @@ def render_chat_template(
             tools=None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
+            **{_TRACK: track},
         )
     except jinja2.exceptions.SecurityError as exc:
         raise CheckpointError(
@@ -70,6 +88,28 @@ def render_chat_template(
         raise InputError(f"the chat template rejected the conversation: {exc}") from exc
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise InputError(f"the chat template could not render the conversation ({exc})") from exc
+
+
+def _strip_generation_marks(marked: str) -> tuple[str, list[tuple[int, int]]]:
+    pieces, spans, at, start = [], [], 0, None
+    length = 0  # of the unmarked text so far
+    for index, char in enumerate(marked):
+        if char not in (_GEN_START, _GEN_END):
+            continue
+        if (char == _GEN_START) != (start is None):
+            raise InputError("the conversation text contains characters U+E000/U+E001; remove them")
+        pieces.append(marked[at:index])
+        length += index - at
+        at = index + 1
+        if char == _GEN_START:
+            start = length
+        else:
+            spans.append((start, length))
+            start = None
+    if start is not None:
+        raise InputError("the conversation text contains characters U+E000/U+E001; remove them")
+    pieces.append(marked[at:])
+    return "".join(pieces), spans
 
 
 @lru_cache(maxsize=16)
@@ -90,15 +130,26 @@ def compile_chat_template(source: str) -> jinja2.Template:
         ) from exc
 
 
+# Private-use characters around each {% generation %} block when its spans are asked for.
+_GEN_START, _GEN_END = "\ue000", "\ue001"
+_TRACK = "__fastvlm_generation_spans__"
+
+
 class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` (used by transformers to mask assistant
-    tokens in training) renders its body unchanged."""
+    tokens in training) renders its body unchanged, marked when spans are tracked."""
 
     tags = {"generation"}
 
     def parse(self, parser):
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        call = self.call_method("_mark", [jinja2.nodes.ContextReference()])
+        return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+    def _mark(self, context, caller) -> str:
+        text = caller()
+        return f"{_GEN_START}{text}{_GEN_END}" if context.get(_TRACK) else text
 
 
 def _raise_exception(message: str) -> None:

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ..checkpoints.files import read_config_json
 from ..checkpoints.hub import resolve_checkpoint
+from ..checkpoints.writer import check_save_options
 from ..config import Format, detect_format
 from ..errors import ContextLengthError, InputError
+from .assistant_mask import build_assistant_masks
 from .batch import BatchInputs, MultiModalData, pixels_as
-from .chat_template import render_chat_template
+from .call_options import parse_call_options
+from .chat_template import render_chat_template, render_with_generation_spans
 from .constants import DEFAULT_MAX_IMAGE_PIXELS
 from .image_transforms import ImageSettings, normalize_pixels, resize_and_crop
 from .images import ImageLoadOptions, ImageSource, load_rgb_image
 from .messages import ImageRef, ParsedConversation, is_batch, parse_conversation
+from .processor_files import save_processor
 from .settings import ProcessorSettings, load_settings
 from .text_options import (
     RenderOptions,
@@ -81,6 +86,13 @@ class FastVLMProcessor:
         )
         return cls(tokenizer, settings, options)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """Write the tokenizer, chat template and image settings as transformers'
+        LlavaProcessor saves them (``AutoProcessor`` loads the folder); returns the files.
+        An Apple-layout processor is refused (its padded-square images have no CLIP form)."""
+        check_save_options(kwargs)
+        return save_processor(self.tokenizer, self.settings, save_directory)
+
     # -- what the model needs to know ------------------------------------------------
 
     @property
@@ -112,6 +124,17 @@ class FastVLMProcessor:
     def chat_template(self) -> str:
         return self.settings.chat_template
 
+    @chat_template.setter
+    def chat_template(self, template: str) -> None:
+        if not isinstance(template, str):
+            raise InputError(f"chat_template must be a string, not {type(template).__name__}")
+        self.settings = replace(self.settings, chat_template=template)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """The keys a call returns (with images), as transformers' processors list them."""
+        return ["input_ids", "attention_mask", "pixel_values"]
+
     @property
     def image_settings(self) -> ImageSettings:
         return self.settings.image
@@ -136,6 +159,7 @@ class FastVLMProcessor:
         check_length: bool = True,
         uint8_pixels: bool = False,
         context_length: int | None = None,
+        return_assistant_tokens_mask: bool = False,
         **template_kwargs: Any,
     ) -> BatchInputs | torch.Tensor | list | str:
         """Render one conversation or a list of them, as transformers' processors do: by
@@ -150,12 +174,16 @@ class FastVLMProcessor:
         With ``uint8_pixels``, ``pixel_values`` are the resized and cropped uint8
         pixels (a quarter of the size); ``normalize_pixels`` turns them into the float32
         ones. A message's content may be a plain string; the reference renders such
-        content as nothing with the FastVLM template, here it is one text part.
+        content as nothing with the FastVLM template, here it is one text part. With
+        ``return_assistant_tokens_mask`` (and ``return_dict``), ``assistant_masks`` marks the
+        tokens the template's ``{% generation %}`` blocks wrote, as in transformers.
         """
         if continue_final_message and add_generation_prompt:
             raise InputError(
                 "continue_final_message and add_generation_prompt are not compatible; pass one of them"
             )
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise InputError("return_assistant_tokens_mask needs tokenize=True and return_dict=True")
         batched = is_batch(conversation)
         conversations = list(conversation) if batched else [conversation]
         parsed = [
@@ -163,40 +191,48 @@ class FastVLMProcessor:
             for i, c in enumerate(conversations)
         ]
         options = RenderOptions(add_generation_prompt, continue_final_message, chat_template, template_kwargs)
-        prompts = [self._render(p, options) for p in parsed]
+        rendered = [self._render(p, options, return_assistant_tokens_mask) for p in parsed]
+        prompts = [prompt for prompt, _ in rendered]
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [ref for p in parsed for ref in p.images]
         check_markers(prompts, [len(p.images) for p in parsed], self.image_token, batched)
         text = TextOptions(return_tensors, padding, truncation, max_length, add_special_tokens)
         limit = context_length if check_length else None
-        out = self._build(prompts, images, batched, text, max_new_tokens, check_length, uint8_pixels, limit)
+        out = self._build(
+            prompts, images, batched, text, max_new_tokens, check_length, uint8_pixels, limit=limit
+        )
+        if return_assistant_tokens_mask:
+            spans = [prompt_spans for _, prompt_spans in rendered]
+            length = len(out["input_ids"][0]) if len(out["input_ids"]) else 0
+            out["assistant_masks"] = build_assistant_masks(
+                self.tokenizer, prompts, spans, self.image_token, self.num_image_tokens, text, length
+            )
         return out if return_dict else out["input_ids"]
 
     def __call__(
         self,
         images: ImageSource | Sequence[Any] | None = None,
         text: str | Sequence[str] | None = None,
-        *,
-        return_tensors: str | None = "pt",
-        padding: Padding = True,
-        truncation: Truncation = False,
-        max_length: int | None = None,
-        add_special_tokens: bool = True,
-        max_new_tokens: int = 0,
-        check_length: bool = True,
+        **kwargs: Any,
     ) -> BatchInputs:
         """Like LlavaProcessor: ``text`` holds one ``<image>`` marker per image, in order.
 
-        ``truncation`` with ``max_length`` cuts prompts (on ``tokenizer.truncation_side``)
-        but, as in transformers, refuses a cut through image placeholders.
+        Options, flat or grouped as transformers takes them (``text_kwargs``,
+        ``images_kwargs``, ``common_kwargs``): ``return_tensors`` ("pt", "np" or None),
+        ``padding``, ``truncation``, ``max_length``, ``add_special_tokens``; the image
+        steps after resizing (``do_rescale``, ``rescale_factor``, ``do_normalize``,
+        ``image_mean``, ``image_std``); and ours, ``max_new_tokens`` with ``check_length``
+        (the context-length check). ``truncation`` cuts prompts on
+        ``tokenizer.truncation_side`` but, as in transformers, never through image placeholders.
         """
+        options = parse_call_options(kwargs, self.settings.image)
         refs = [ImageRef(src, f"image {i}") for i, src in enumerate(_flatten_images(images))]
         if text is None:
             if not refs:
                 raise InputError("pass text, images or both")
-            pixels = self.preprocess_images([r.source for r in refs])
-            return BatchInputs(pixel_values=pixels_as(pixels, return_tensors))
+            pixels = self._pixels(refs, settings=options.image)
+            return BatchInputs(pixel_values=pixels_as(pixels, options.text.return_tensors))
         prompts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(p, str) for p in prompts):
             raise InputError("text must be a string or a list of strings")
@@ -207,8 +243,10 @@ class FastVLMProcessor:
                 "put one marker per image"
             )
         batched = not isinstance(text, str)
-        options = TextOptions(return_tensors, padding, truncation, max_length, add_special_tokens)
-        return self._build(prompts, refs, batched, options, max_new_tokens, check_length)
+        return self._build(
+            prompts, refs, batched, options.text, options.max_new_tokens, options.check_length,
+            image=options.image,
+        )  # fmt: skip
 
     def _get_num_multimodal_tokens(
         self, image_sizes: Sequence[Any] | None = None, **kwargs: Any
@@ -278,17 +316,22 @@ class FastVLMProcessor:
 
     # -- internals --------------------------------------------------------------------
 
-    def _render(self, parsed: ParsedConversation, options: RenderOptions) -> str:
+    def _render(
+        self, parsed: ParsedConversation, options: RenderOptions, spans: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The prompt, and with ``spans`` its {% generation %} character spans."""
         messages = parsed.messages
         if options.continue_final_message:
             messages = mark_final_message(messages)
-        prompt = render_chat_template(
+        render = render_with_generation_spans if spans else render_chat_template
+        out = render(
             options.chat_template or self.chat_template,
             messages,
             add_generation_prompt=options.add_generation_prompt,
             special_tokens={**self.tokenizer.special_tokens_map, **options.template_kwargs},
         )
-        return cut_at_final_message(prompt) if options.continue_final_message else prompt
+        prompt, found = out if spans else (out, [])
+        return (cut_at_final_message(prompt) if options.continue_final_message else prompt), found
 
     def _build(
         self,
@@ -300,6 +343,7 @@ class FastVLMProcessor:
         check_length: bool,
         uint8_pixels: bool = False,
         limit: int | None = None,
+        image: ImageSettings | None = None,
     ) -> BatchInputs:
         sequences = [self.encode_prompt(p) for p in prompts]
         if text.add_special_tokens:  # what the tokenizer adds around any text (nothing for Qwen2)
@@ -320,10 +364,13 @@ class FastVLMProcessor:
         )
         out = BatchInputs(input_ids=input_ids, attention_mask=attention_mask)
         if refs:
-            out["pixel_values"] = pixels_as(self._pixels(refs, uint8_pixels), text.return_tensors)
+            pixels = self._pixels(refs, uint8_pixels, image)
+            out["pixel_values"] = pixels_as(pixels, text.return_tensors)
         return out
 
-    def _pixels(self, refs: list[ImageRef], uint8_pixels: bool = False) -> torch.Tensor:
+    def _pixels(
+        self, refs: list[ImageRef], uint8_pixels: bool = False, settings: ImageSettings | None = None
+    ) -> torch.Tensor:
         tensors = []
         for ref in refs:
             if ref.source is None:
@@ -336,7 +383,7 @@ class FastVLMProcessor:
             height, width = self.settings.image.output_size
             return torch.empty(0, 3, height, width, dtype=torch.uint8 if uint8_pixels else torch.float32)
         pixels = torch.stack(tensors)  # (N, 3, H, W) uint8
-        return pixels if uint8_pixels else self.normalize_pixels(pixels)
+        return pixels if uint8_pixels else normalize_pixels(pixels, settings or self.settings.image)
 
     def __repr__(self) -> str:
         return (

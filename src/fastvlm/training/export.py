@@ -9,31 +9,29 @@ tokenizer files stay the base's, so whatever loaded the base (fastvlm, transform
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..checkpoints.adapter import BN_EPS
 from ..checkpoints.files import read_config_json
 from ..checkpoints.hub import resolve_checkpoint
-from ..checkpoints.keymap import apple_network_table, apple_to_hf, hf_to_ours
+from ..checkpoints.keymap import apple_network_table, apple_to_hf, hf_to_ours, unfold_ffn_conv
 from ..checkpoints.loader import weight_files
 from ..config import APPLE_FORMAT, FastVLMConfig
 from ..errors import CheckpointError
 
-# (weight file, key in it, how to turn our trained tensor into the stored one; None = as is)
-Target = tuple[Path, str, Callable[[torch.Tensor], torch.Tensor] | None]
+# Where a tensor goes: (weight file, key in it).
+Target = tuple[Path, str]
 
 
-def base_keys(base: str | Path) -> dict[str, list[Target]]:
-    """Our parameter name -> where its value goes in the base's weight files."""
+def base_keys(base: str | Path) -> dict[str, Target]:
+    """Stored tensor in our module names (ConvFFN convs unfolded, as stored) -> its place."""
     from safetensors import safe_open
 
     folder = resolve_checkpoint(base)
     config = FastVLMConfig.from_dict(read_config_json(folder))
     network = apple_network_table(config.vision) if config.format == APPLE_FORMAT else None
-    out: dict[str, list[Target]] = {}
+    out: dict[str, Target] = {}
     for path in weight_files(folder):
         if path.suffix != ".safetensors":
             raise CheckpointError(
@@ -44,28 +42,22 @@ def base_keys(base: str | Path) -> dict[str, list[Target]]:
                 hf = apple_to_hf(key, network) if network is not None else key
                 ours = hf_to_ours(hf) if hf is not None else None
                 if ours is not None:
-                    out[ours] = [(path, key, None)]
-    _unfold_ffn_batchnorm(out)
+                    out[ours] = (path, key)
     return out
 
 
-def _unfold_ffn_batchnorm(out: dict[str, list[Target]]) -> None:
-    """Every checkpoint stores each ConvFFN conv with its BatchNorm; we hold the two folded.
-    A trained folded conv goes back as the conv plus an identity BatchNorm that adds its bias."""
-    for name in [n for n in out if n.endswith(".conv.conv.weight")]:
-        p = name[: -len("conv.weight")]  # "...mlp.conv."
-        bn = [out.get(p + "bn." + f) for f in ("bias", "weight", "running_mean", "running_var")]
-        if any(t is None for t in bn):
-            continue
-        fills = (None, torch.ones_like, torch.zeros_like, lambda t: torch.full_like(t, 1.0 - BN_EPS))
-        out[p + "weight"] = out.pop(name)
-        out[p + "bias"] = [(t[0][0], t[0][1], fill) for t, fill in zip(bn, fills, strict=True)]
+def _stored(name: str, tensor: torch.Tensor, keys: dict[str, Target]) -> dict[str, torch.Tensor]:
+    """Our tensor -> the stored tensors it becomes (a folded ConvFFN conv goes back as the conv
+    plus an identity BatchNorm that adds its bias); a batch counter the base lacks is dropped."""
+    parts = unfold_ffn_conv(name, tensor)
+    return {n: t for n, t in parts.items() if n in keys or not n.endswith("num_batches_tracked")}
 
 
 def check_writable(base: str | Path, names: list[str]) -> None:
     """Fail before training if a tensor to be trained has no key of its own in the base."""
     keys = base_keys(base)
-    missing = [n for n in names if n not in keys and n != "lm_head.weight"]
+    stored = {n: _stored(n, torch.zeros(0), keys) for n in names if n != "lm_head.weight"}
+    missing = [n for n, parts in stored.items() if any(s not in keys for s in parts)]
     if missing:
         raise CheckpointError(
             f"the base stores {missing[0]} in training form (unfused branches), so a trained copy could "
@@ -80,16 +72,18 @@ def write_checkpoint(base: str | Path, out: Path, tensors: dict[str, torch.Tenso
     folder = resolve_checkpoint(base)
     keys = base_keys(folder)
     tied = "lm_head.weight" not in keys
-    todo = {n: t for n, t in tensors.items() if not (tied and n == "lm_head.weight")}
-    missing = [n for n in todo if n not in keys]
+    stored: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not (tied and name == "lm_head.weight"):
+            stored.update(_stored(name, tensor.detach().cpu(), keys))
+    missing = [n for n in stored if n not in keys]
     if missing:
         raise CheckpointError(f"cannot write {missing[0]}: the base has no tensor of that name")
     out.mkdir(parents=True, exist_ok=True)
     by_file: dict[Path, dict[str, torch.Tensor]] = {}
-    for name, tensor in todo.items():
-        for path, key, fill in keys[name]:
-            value = tensor.detach().cpu()
-            by_file.setdefault(path, {})[key] = value if fill is None else fill(value)
+    for name, value in stored.items():
+        path, key = keys[name]
+        by_file.setdefault(path, {})[key] = value
     for item in folder.iterdir():
         if item.is_file() and item not in by_file:
             shutil.copy2(item, out / item.name)
