@@ -25,6 +25,7 @@ def user(text: str, *images) -> list[dict]:
     return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images), text]}]
 
 
+@pytest.mark.slow
 def test_ask_returns_text_and_streams_the_same(vlm):
     answer = vlm.ask(IMAGE, "What is shown in this image?", max_new_tokens=8)
     assert isinstance(answer, str) and answer

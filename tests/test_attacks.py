@@ -431,6 +431,7 @@ def test_long_stop_strings_and_model_names_are_cut_short(live):
     assert len(error["message"]) < 300
 
 
+@pytest.mark.slow
 def test_huge_text_is_refused_before_tokenising_and_streams_carry_on(live):
     with Stream(live.url) as stream:
         start = time.monotonic()

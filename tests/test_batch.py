@@ -60,6 +60,7 @@ def photos(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_folder_rows_equal_ask(vlm, tiny_checkpoint_dir, photos, tmp_path):
     out = tmp_path / "out.parquet"
     summary = fastvlm.run_batch([str(photos)], out, model=str(tiny_checkpoint_dir), **OPTIONS)
@@ -92,6 +93,7 @@ def _table_rows(images: list[Path], folder: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_tables(vlm, tiny_checkpoint_dir, tmp_path, fmt):
     images = make_images(tmp_path / "data", 3)
@@ -135,6 +137,7 @@ def test_table_without_id_column_uses_row_numbers(tiny_checkpoint_dir, tmp_path)
     assert [(r["id"], r["prompt"]) for r in rows] == [("0", PROMPT), ("1", "Name it.")]
 
 
+@pytest.mark.slow
 def test_parquet_image_bytes_column(vlm, tiny_checkpoint_dir, tmp_path):
     (path,) = make_images(tmp_path, 1)
     schema = pa.schema([("image", pa.binary()), ("prompt", pa.string())])
@@ -202,6 +205,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.slow
 def test_rerun_completes_only_missing_rows(tiny_checkpoint_dir, tmp_path):
     make_images(tmp_path / "in", 3)
     out = tmp_path / "o.parquet"
@@ -216,6 +220,7 @@ def test_rerun_completes_only_missing_rows(tiny_checkpoint_dir, tmp_path):
     assert [r["id"] for r in read_rows(out)] == [f"img{i:03d}.png" for i in range(5)]
 
 
+@pytest.mark.slow
 def test_jsonl_resume_drops_a_torn_last_line(tiny_checkpoint_dir, tmp_path):
     make_images(tmp_path / "in", 2)
     out = tmp_path / "o.jsonl"
@@ -257,6 +262,7 @@ def _rows_written(out: Path) -> int:
     return sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) if out.exists() else 0
 
 
+@pytest.mark.slow
 def test_import_fastvlm_does_not_import_ray_or_pyarrow():
     code = (
         "import sys, fastvlm; assert fastvlm.run_batch; print('ray' in sys.modules, 'pyarrow' in sys.modules)"

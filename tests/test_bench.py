@@ -56,6 +56,7 @@ def test_bench_refuses_a_prompt_shorter_than_the_image(tiny_checkpoint_dir, caps
     assert len(err) == 1 and err[0].startswith("error: --prompt-tokens must be at least")  # before loading
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--int8", "--int4"])
 def test_bench_without_reference(tiny_checkpoint_dir, capsys, flag):
     args = ["bench", "--model", str(tiny_checkpoint_dir), "--no-reference", "--repeats", "1", flag]

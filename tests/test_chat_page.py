@@ -89,6 +89,7 @@ def ask(page, question: str | None) -> None:
     )
 
 
+@pytest.mark.slow
 def test_chat_page_streams_an_answer_about_an_image(browser, tiny):
     model, processor = tiny
     image = builders.shared_assets() / "images" / "000000039769.png"
@@ -137,6 +138,7 @@ def _sent_images(page, action) -> list[list[str]]:
     ]
 
 
+@pytest.mark.slow
 def test_chat_page_sends_several_images_across_turns(browser, tiny):
     model, processor = tiny
     folder = builders.shared_assets() / "images"
@@ -177,6 +179,7 @@ def test_chat_page_sends_several_images_across_turns(browser, tiny):
         page.close()
 
 
+@pytest.mark.slow
 def test_chat_page_asks_for_the_api_key(browser, tiny):
     model, processor = tiny
     with serve(model, processor, api_key="sekret") as live:

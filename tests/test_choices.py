@@ -48,6 +48,7 @@ def alone(model_and_processor, request: GenerationRequest, index: int):
     return make_engine(model_and_processor, max_batch=1).generate([single])[0]
 
 
+@pytest.mark.slow
 def test_seeded_choices_are_reproducible_distinct_and_exact(model_and_processor):
     engine = make_engine(model_and_processor)
     first = engine.generate([sampled(3)])
@@ -61,6 +62,7 @@ def test_seeded_choices_are_reproducible_distinct_and_exact(model_and_processor)
     assert first[0].token_ids == engine.generate([sampled(1)])[0].token_ids
 
 
+@pytest.mark.slow
 def test_choices_share_one_prefill_and_one_image_encoding(model_and_processor):
     engine = make_engine(model_and_processor)
     engine.generate([sampled(3)])
@@ -73,6 +75,7 @@ def test_choices_share_one_prefill_and_one_image_encoding(model_and_processor):
     assert shared["requests_finished"] == 3 and shared["generated_tokens"] == 30
 
 
+@pytest.mark.slow
 def test_choices_wait_for_rows_and_join_a_busy_batch(model_and_processor):
     """3 rows for n=2, n=1 and n=3 requests: the n=3 one waits until three rows are free."""
     requests = [sampled(2, seed=1, tokens=6), sampled(1, seed=2, tokens=12), sampled(3, seed=3, tokens=5)]
@@ -87,6 +90,7 @@ def test_choices_wait_for_rows_and_join_a_busy_batch(model_and_processor):
     assert not engine.has_work
 
 
+@pytest.mark.slow
 def test_a_choice_that_stops_on_its_first_token_frees_its_row(model_and_processor):
     """Choice 0 stops at once; choices 1 and 2 take the prefilled row and a copy of it."""
     free = make_engine(model_and_processor).generate([sampled(3)])
@@ -142,6 +146,7 @@ def test_bad_n_is_a_one_line_error(model_and_processor):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_python_api_options(tiny_checkpoint_dir):
     vlm = fastvlm.load(tiny_checkpoint_dir, device="cpu", dtype="float32", progress=False, max_batch=4)
     answers = vlm.ask(IMAGE, "Describe it.", n=3, temperature=1.0, seed=1, max_new_tokens=6)

@@ -43,6 +43,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
         assert needle in lines[0]
 
 
+@pytest.mark.slow
 def test_run_streams_and_json_agrees(tiny):
     streamed = fastvlm("run", IMAGE, "What is this?", "--model", tiny, "--max-new-tokens", "5", *CPU)
     assert streamed.returncode == 0, streamed.stderr
@@ -55,6 +56,7 @@ def test_run_streams_and_json_agrees(tiny):
     assert out["text"] == streamed.stdout[:-1]
 
 
+@pytest.mark.slow
 def test_chat_reads_turns_and_commands_from_stdin(tiny):
     turns = f"Hello!\n/image {IMAGE}\nWhat is in it?\n/reset\n\nAgain.\n/exit\nnot read\n"
     proc = fastvlm("chat", "--model", tiny, "--max-new-tokens", "3", *CPU, stdin=turns)
@@ -62,6 +64,7 @@ def test_chat_reads_turns_and_commands_from_stdin(tiny):
     assert len(proc.stdout.splitlines()) == 3  # one answer per question; commands print nothing
 
 
+@pytest.mark.slow
 def test_chat_takes_several_images_in_several_turns(tiny, monkeypatch, capsys):
     cat, receipt = (
         str(builders.shared_assets() / "images" / n) for n in ("000000039769.png", "ocr_example3.jpg")
@@ -84,6 +87,7 @@ def test_chat_takes_several_images_in_several_turns(tiny, monkeypatch, capsys):
     assert err.count("error: ") == 1 and "such.png" in err
 
 
+@pytest.mark.slow
 def test_info_reads_headers_only(tiny, capsys):
     proc = fastvlm("info", tiny, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -96,6 +100,7 @@ def test_info_reads_headers_only(tiny, capsys):
     assert "fast_vlm" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_error_paths_are_one_line(tiny, tmp_path):
     not_image = tmp_path / "notes.png"
     not_image.write_text("just text")
@@ -125,6 +130,7 @@ def test_more_error_paths_in_process(tiny, tmp_path, capsys):
         assert all(n in err[0] for n in needles), (args, err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["--int8", "--int4"])
 def test_quantized_weights_run(tiny, capsys, weights):
     args = ["run", "none", "Hi", "--model", tiny, weights, "--dtype", "bfloat16", "--device", "cpu"]
@@ -132,6 +138,7 @@ def test_quantized_weights_run(tiny, capsys, weights):
     assert json.loads(capsys.readouterr().out)["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.slow
 def test_default_model_offline_says_how_to_use_a_local_copy(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(
@@ -163,6 +170,7 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_info_on_a_hub_id_fetches_headers_not_weights(tiny, tmp_path, monkeypatch):
     import shutil
     from pathlib import Path

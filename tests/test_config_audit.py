@@ -84,6 +84,7 @@ def test_activation_table_matches_transformers():
         torch.testing.assert_close(fn(x), ACT2FN[name](x), atol=1e-6, rtol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
 def test_hidden_act_is_honoured(tmp_path, act):
     assert_parity(tmp_path, text_overrides={"hidden_act": act})
@@ -103,6 +104,7 @@ def test_projector_act_and_bias_are_honoured(tmp_path):
     ],
     ids=["linear", "yarn", "yarn-explicit"],
 )
+@pytest.mark.slow
 def test_static_rope_types_are_honoured(tmp_path, rope):
     params = {"rope_theta": 1e4, **rope}
     assert_parity(tmp_path, speed=SpeedOptions(), text_overrides={"rope_parameters": params})
@@ -142,6 +144,7 @@ def test_text_fields_are_honoured(tmp_path, text):
     assert_parity(tmp_path, speed=SpeedOptions(), text_overrides=text)
 
 
+@pytest.mark.slow
 def test_tied_embeddings_and_image_token_are_honoured(tmp_path):
     assert_parity(tmp_path, tied=True, image_id=7)
 
@@ -157,6 +160,7 @@ def test_apple_flat_config_honours_hidden_act(tmp_path):
     assert rel_diff(ours(**ids).logits, expected) <= TOL
 
 
+@pytest.mark.slow
 def test_attention_dropout_applies_in_training_mode_only(tmp_path):
     ref = builders.build_reference(seed=3, text_overrides={"attention_dropout": 0.5})
     folder = builders.save_reference(ref, tmp_path / "ckpt")

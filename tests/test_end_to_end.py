@@ -56,6 +56,7 @@ def test_docs_example_matches_reference(hf_checkpoint, images):
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+@pytest.mark.slow
 def test_apple_layout_end_to_end(tmp_path, images):
     folder, ref = builders.tiny_checkpoint(tmp_path / "apple", fmt="llava_qwen2", seed=22)
     processor = FastVLMProcessor.from_pretrained(folder)

@@ -66,6 +66,7 @@ def fresh(r: GenerationRequest) -> GenerationRequest:
 # ---- exactness -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_greedy_matches_model_generate(engine, model_and_processor):
     model, processor = model_and_processor
     for r in [
@@ -85,6 +86,7 @@ def test_greedy_matches_model_generate(engine, model_and_processor):
         assert result.text == processor.decode(expected, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_mixed_batch_equals_each_request_alone(model_and_processor):
     requests = [
         request("What is this?", IMAGES[0], max_new_tokens=8),
@@ -119,6 +121,7 @@ def test_mixed_batch_equals_each_request_alone(model_and_processor):
     assert moves  # survivors were repacked into freed rows along the way
 
 
+@pytest.mark.slow
 def test_seed_reproducible_and_greedy_limits(engine):
     def run(**sampling):
         return engine.generate(

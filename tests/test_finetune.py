@@ -20,6 +20,7 @@ def data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("ft_data"))
 
 
+@pytest.mark.slow
 def test_step0_loss_equals_transformers(tiny_checkpoint_dir, data, tmp_path):
     from transformers import FastVlmForConditionalGeneration
 
@@ -84,6 +85,7 @@ def test_full_fine_tuning_overfits(tiny_checkpoint_dir, data, tmp_path):
         assert rel_err(ours(**inputs).logits, hf(**inputs).logits) <= 1e-4
 
 
+@pytest.mark.slow
 def test_lora_loss_falls_and_writes_a_peft_adapter(tiny_checkpoint_dir, data, tmp_path):
     out = tmp_path / "lora"
     args = ["--max-steps", "8", "--batch-size", "4", "--lr", "1e-2", "--lora-rank", "4"]
@@ -98,6 +100,7 @@ def test_lora_loss_falls_and_writes_a_peft_adapter(tiny_checkpoint_dir, data, tm
     assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(records[0])
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_later_losses(tiny_checkpoint_dir, data, tmp_path, monkeypatch):
     args = ["--max-steps", "6", "--save-every", "3", "--batch-size", "2", "--lr", "1e-3", "--lora-rank", "4"]
     whole = tmp_path / "whole"
@@ -124,6 +127,7 @@ def test_resume_gives_the_same_later_losses(tiny_checkpoint_dir, data, tmp_path,
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
 
 
+@pytest.mark.slow
 def test_eval_loss_is_logged(tiny_checkpoint_dir, data, tmp_path):
     out = tmp_path / "eval"
     args = ["--max-steps", "2", "--eval-data", str(data), "--eval-every", "1", "--batch-size", "4"]
@@ -132,6 +136,7 @@ def test_eval_loss_is_logged(tiny_checkpoint_dir, data, tmp_path):
     assert [e["step"] for e in evals] == [1, 2] and all(e["eval_loss"] > 0 for e in evals)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_losses(tiny_checkpoint_dir, data, tmp_path):
     args = ["--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--lora-dropout", "0"]
     assert finetune(tiny_checkpoint_dir, data, tmp_path / "a", *args) == 0

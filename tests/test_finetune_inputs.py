@@ -80,6 +80,7 @@ def test_skip_bad_rows_counts_them(tiny_checkpoint_dir, folder, tmp_path, capsys
     assert "skipped 2 bad row(s)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_saved_checkpoint_is_never_overwritten_without_resume(tiny_checkpoint_dir, folder, tmp_path, capsys):
     out, data = tmp_path / "o", folder / "train.jsonl"
     assert finetune(tiny_checkpoint_dir, data, out, "--max-steps", "1") == 0

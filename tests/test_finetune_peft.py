@@ -59,6 +59,7 @@ def _inputs(folder, data):
     return dict(image_inputs(FastVLMProcessor.from_pretrained(folder), data.parent / "img" / "5.png"))
 
 
+@pytest.mark.slow
 def test_our_adapter_loads_in_peft_with_the_same_logits(tiny_checkpoint_dir, trained, data):
     inputs = _inputs(tiny_checkpoint_dir, data)
     expected = _peft_logits(tiny_checkpoint_dir, trained, inputs)
@@ -103,6 +104,7 @@ def test_merge_command_writes_a_checkpoint_both_libraries_load(tiny_checkpoint_d
     assert cli.main(["merge", str(tiny_checkpoint_dir), str(trained), str(merged)]) == 2  # not empty
 
 
+@pytest.mark.slow
 def test_a_peft_adapter_trained_on_transformers_loads_here(tiny_checkpoint_dir, data, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import FastVlmForConditionalGeneration
@@ -163,6 +165,7 @@ def test_apple_format_adapters_use_transformers_names(data, tmp_path):
     assert rel_err(_ours_logits(trained, inputs), _ours_logits(merged_model, inputs)) > 1e-4
 
 
+@pytest.mark.slow
 def test_a_trained_vision_tower_goes_to_modules_to_save(tiny_checkpoint_dir, data, tmp_path):
     out = tmp_path / "out"
     args = ["--max-steps", "1", "--batch-size", "4", "--lr", "1e-2", "--train-vision"]

@@ -99,6 +99,7 @@ def test_int8_prefill_path_matches_decode_path(plain, inputs):
     assert _rel(dense(ids, pixel_values=px).logits, packed) <= 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int4_weights_stay_close(plain, inputs, dtype):
     from fastvlm.models.quantize import Int4Linear
@@ -185,6 +186,7 @@ def test_impossible_options_are_refused_before_any_change(plain):
         optimize(model, SpeedOptions(int4=True))
 
 
+@pytest.mark.slow
 def test_loading_does_not_import_sympy(tiny_checkpoint_dir):
     # Random init on the meta device imports sympy, ~80 MB resident for nothing;
     # a fresh interpreter shows whether loading and optimising still pull it in.

@@ -106,6 +106,7 @@ def test_an_apple_checkpoint_is_written_in_the_transformers_layout(apple_dir, tm
     torch.testing.assert_close(_hf_logits(tmp_path, ids, pixels), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_training_form_weights_are_written_fused(tmp_path):
     source, reference = tiny_checkpoint(tmp_path / "src", fused=False)
     model = FastVLM.from_pretrained(source, dtype=torch.float32, progress=False)
@@ -163,6 +164,7 @@ def _photo() -> Image.Image:
     return Image.effect_mandelbrot((300, 180), (-2, -1, 1, 1), 60).convert("RGB")
 
 
+@pytest.mark.slow
 def test_the_saved_processor_gives_transformers_the_same_ids_and_pixels(tiny_checkpoint_dir, tmp_path):
     from transformers import AutoProcessor
 
@@ -190,6 +192,7 @@ def test_the_saved_processor_gives_transformers_the_same_ids_and_pixels(tiny_che
     assert torch.equal(theirs["pixel_values"], expected["pixel_values"])
 
 
+@pytest.mark.slow
 def test_our_processor_reloads_what_it_saved(tiny_checkpoint_dir, tmp_path):
     processor = FastVLMProcessor.from_pretrained(tiny_checkpoint_dir)
     FastVLM.from_pretrained(tiny_checkpoint_dir, progress=False).save_pretrained(tmp_path)
@@ -221,6 +224,7 @@ def test_an_apple_processor_is_refused_in_one_line(apple_dir, tmp_path):
         ({"x": 1}, "'x'"),
     ],
 )
+@pytest.mark.slow
 def test_options_we_cannot_honour_are_refused_in_one_line(tiny_checkpoint_dir, tmp_path, kwargs, named):
     model = FastVLM.from_pretrained(tiny_checkpoint_dir, progress=False)
     processor = FastVLMProcessor.from_pretrained(tiny_checkpoint_dir)

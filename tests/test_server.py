@@ -275,6 +275,7 @@ def test_multi_turn_history(live, cat_png):
     assert second.usage.prompt_tokens > answer.usage.prompt_tokens + answer.usage.completion_tokens
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_streams_are_batched(live, cat_png):
     client = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
     uri = data_uri(cat_png)

@@ -68,6 +68,7 @@ class RecordingEngine(Engine):
         return prepared
 
 
+@pytest.mark.slow
 def test_images_across_turns_arrive_in_order(tiny, photos):
     model, processor = tiny
     engine = RecordingEngine(model, processor, max_batch=2)

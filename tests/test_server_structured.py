@@ -92,6 +92,7 @@ def completed(replies) -> list[str]:
 # ---- structured output ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_json_schema_answers_validate(client, name):
     schema = SCHEMAS[name]

@@ -105,6 +105,7 @@ def sampled(engine, constraint, max_new_tokens=64):
     return engine.generate([request(constraint, seed=s, max_new_tokens=max_new_tokens) for s in SEEDS])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_every_completed_answer_validates(engine, name):
     schema = SCHEMAS[name]
@@ -119,6 +120,7 @@ def test_every_completed_answer_validates(engine, name):
         assert "\n" not in r.text and "  " not in r.text  # compact: no whitespace to run away in
 
 
+@pytest.mark.slow
 def test_pydantic_model_class(engine):
     pydantic = pytest.importorskip("pydantic")
 
@@ -133,6 +135,7 @@ def test_pydantic_model_class(engine):
         Receipt.model_validate_json(r.text)
 
 
+@pytest.mark.slow
 def test_json_object(engine):
     results = sampled(engine, OutputConstraint.json_object(), max_new_tokens=32)
     for r in results:
@@ -148,6 +151,7 @@ def test_choice(engine):
     assert len({r.text for r in results}) > 1  # the seeds pick, the grammar only restricts
 
 
+@pytest.mark.slow
 def test_regex(engine):
     pattern = r"[a-z]{2,5}-[0-9]{1,3}"
     results = sampled(engine, OutputConstraint.regex(pattern))
@@ -157,6 +161,7 @@ def test_regex(engine):
             assert re.fullmatch(pattern, r.text), r.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
 def test_mixed_batch_matches_each_alone(model_and_processor, seeded):
     """Constrained and free rows decode in the same steps; each gets what it gets alone."""
@@ -230,6 +235,7 @@ def test_constraint_spec_checks_its_input():
     assert OutputConstraint.choice(["x"]).parse("x") == "x"
 
 
+@pytest.mark.slow
 def test_compiled_grammars_are_cached_and_bounded(model_and_processor):
     model, processor = model_and_processor
     compiler = GrammarCompiler(processor.tokenizer, model.config.text.vocab_size, [151645], cache_size=2)

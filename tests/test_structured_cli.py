@@ -43,6 +43,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return status, out, err
 
 
+@pytest.mark.slow
 def test_run_prints_the_json(tiny_checkpoint_dir, schema_file, capsys):
     model = ["--model", str(tiny_checkpoint_dir), *CPU, "--max-new-tokens", "48"]
     status, out, _ = run(capsys, "run", IMAGE, "Read the receipt.", *model, "--json-schema", schema_file)
@@ -86,6 +87,7 @@ def test_run_refuses_two_constraints(capsys, schema_file):
     assert status == 2 and "not allowed with" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
 def test_batch_extracts_properties_into_columns(tiny_checkpoint_dir, tmp_path, schema_file, capsys, suffix):
     folder = tmp_path / "in"
@@ -115,6 +117,7 @@ def test_batch_extracts_properties_into_columns(tiny_checkpoint_dir, tmp_path, s
         assert row["text"] == row["parsed"]  # the answer itself, as before
 
 
+@pytest.mark.slow
 def test_run_batch_rows_equal_ask(tiny_checkpoint_dir, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

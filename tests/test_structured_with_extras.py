@@ -40,6 +40,7 @@ def request(constraint, **kwargs) -> GenerationRequest:
     )
 
 
+@pytest.mark.slow
 def test_every_choice_keeps_to_the_schema(engine):
     results = engine.generate([request(OutputConstraint.json_schema(SCHEMA), n=4)])
     assert sorted(r.index for r in results) == [0, 1, 2, 3]

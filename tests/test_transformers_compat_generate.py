@@ -114,6 +114,7 @@ def test_sample_generate_with_seed(pair, batch, options):
         {"num_beams": 3, "no_repeat_ngram_size": 2, "bad_words_ids": [[5], [7, 8]]},
     ],
 )
+@pytest.mark.slow
 def test_beam_search_generate_dict_output(pair, batch, frequent_token, options):
     kwargs = dict(max_new_tokens=8, eos_token_id=frequent_token, pad_token_id=PAD)
     kwargs.update(return_dict_in_generate=True, output_scores=True, output_logits=True)
@@ -224,6 +225,7 @@ def test_left_padded_batch_without_attention_mask(pair, batch):
 
 
 # -- GenerationConfig objects and the checkpoint's generation_config.json ---------------------------
+@pytest.mark.slow
 def test_generation_config_object_and_checkpoint_defaults(pair, batch, tmp_path):
     ours, ref, folder = pair
     hf_config = transformers.GenerationConfig(max_new_tokens=5, num_beams=2, length_penalty=0.5)
@@ -272,6 +274,7 @@ def test_unsupported_options_raise_one_clear_error(pair, batch, kwargs, named):
         ours.generate(**batch, max_new_tokens=2, **kwargs)
 
 
+@pytest.mark.slow
 def test_cache_free_beam_search_equals_cached(pair, batch, frequent_token):
     ours, _, _ = pair
     kwargs = dict(max_new_tokens=6, num_beams=3, eos_token_id=frequent_token, pad_token_id=PAD)

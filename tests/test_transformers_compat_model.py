@@ -82,6 +82,7 @@ def test_ids_and_embeds_together_are_refused(pair, batch):
         ours(input_ids=batch["input_ids"], inputs_embeds=embeds)
 
 
+@pytest.mark.slow
 def test_output_object_and_tuple(pair, batch):
     ours, ref = pair
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_ID, -100)
@@ -129,6 +130,7 @@ def test_false_flags_are_accepted(pair, batch):
 # ---- pieces ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_get_image_features_returns_transformers_output(pair, batch):
     # FastVlmModelTest: get_image_features
     ours, ref = pair
@@ -231,6 +233,7 @@ def test_dtype_auto_is_the_checkpoint_dtype(bf16_folder, tmp_path):
     assert FastVLM.from_pretrained(bare, torch_dtype=torch.float32, progress=False).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_load_keeps_the_device_aware_dtype(tiny_checkpoint_dir, tmp_path):
     import fastvlm
 
@@ -270,6 +273,7 @@ def eager_ref(saved):
     return FastVlmForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
 
 
+@pytest.mark.slow
 def test_eager_sdpa_and_transformers_agree(saved, eager_ref, batch, monkeypatch):
     # Padding positions attend to nothing; each implementation fills them differently.
     real = batch["attention_mask"].bool()
@@ -297,6 +301,7 @@ def _no_sdpa(*args, **kwargs):
     raise AssertionError("SDPA was called on the eager path")
 
 
+@pytest.mark.slow
 def test_flash_attention_for_the_text_model_falls_back_once(saved, batch):
     folder, ref = saved
     with pytest.warns(UserWarning, match="flash_attention_2 for the decoder: .*; using SDPA"):

@@ -56,6 +56,7 @@ def assert_same(got, expected, keys=("input_ids", "attention_mask", "pixel_value
 
 
 # -- ProcessorTesterMixin.test_apply_chat_template_image (defaults and the docs' pattern) --------
+@pytest.mark.slow
 def test_chat_template_defaults_and_the_docs_pattern(ours, ref):
     conv = conversation()
     assert ours.apply_chat_template(conv) == ref.apply_chat_template(conv)  # a string, no generation prompt

@@ -14,6 +14,7 @@ from ported_processor import PHOTO, assert_same, ours, ref, saved
 __all__ = ["ours", "ref", "saved"]  # fixtures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_apply_chat_template_image(ours, ref, batch_size):
     """ProcessorTesterMixin.test_apply_chat_template_image (_test_apply_chat_template with

@@ -48,6 +48,7 @@ def run(pair, *, images, text, batch_decode: bool = False, **call):
     return output, processor.decode(output[0], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_small_model_integration_test(ours, reference):
     """FastVlmForConditionalGenerationIntegrationTest.test_small_model_integration_test.
 
@@ -68,6 +69,7 @@ def test_small_model_integration_test(ours, reference):
     )
 
 
+@pytest.mark.slow
 def test_small_model_integration_test_batch(ours, reference):
     """FastVlmForConditionalGenerationIntegrationTest.test_small_model_integration_test_batch.
 

@@ -23,6 +23,7 @@ from ported_processor import PHOTO, assert_same, ours, prepare_image_inputs, pre
 __all__ = ["ours", "ref", "saved"]  # fixtures
 
 
+@pytest.mark.slow
 def test_chat_template_is_saved(ours, ref, saved):
     """test_processing_llava.py::test_chat_template_is_saved: the template is its own file,
     not a key of processor_config.json, and loads back unchanged (in both libraries)."""
@@ -53,6 +54,7 @@ def test_processor_from_and_save_pretrained(ours, tmp_path, saved):
     assert second.tokenizer.get_vocab() == ours.tokenizer.get_vocab()
 
 
+@pytest.mark.slow
 def test_processor_from_and_save_pretrained_as_nested_dict(saved, tiny_checkpoint_dir):
     """ProcessorTesterMixin.test_processor_from_and_save_pretrained_as_nested_dict: each
     component loads on its own from the saved folder (with transformers' Auto classes)."""
@@ -64,6 +66,7 @@ def test_processor_from_and_save_pretrained_as_nested_dict(saved, tiny_checkpoin
     assert repr(image_processor) == repr(transformers.AutoImageProcessor.from_pretrained(tiny_checkpoint_dir))
 
 
+@pytest.mark.slow
 def test_chat_template_save_loading(tmp_path, saved):
     """ProcessorTesterMixin.test_chat_template_save_loading. A dict of named templates (its
     last part) is not supported: the setter refuses it in one line."""
