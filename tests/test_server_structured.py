@@ -22,33 +22,10 @@ import torch
 from fastvlm.generation.engine import Engine
 from fastvlm.generation.sampling import SamplingParams
 from test_server import MODEL, TIMEOUT, engine_answer, load_tiny, metrics, serve, wait_until
+from test_structured import ARRAY, NESTED  # the engine tests' schemas, here through HTTP
 
 SEEDS = range(4)
 QUESTION = [{"role": "user", "content": "Fill in the form."}]
-NESTED = {
-    "type": "object",
-    "properties": {
-        "person": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "maxLength": 8},
-                "age": {"type": "integer", "minimum": 0, "maximum": 120},
-            },
-            "required": ["name", "age"],
-            "additionalProperties": False,
-        },
-        "ok": {"type": "boolean"},
-    },
-    "required": ["person", "ok"],
-    "additionalProperties": False,
-}
-DIGITS = {"type": "integer", "minimum": 0, "maximum": 9}
-ARRAY = {
-    "type": "object",
-    "properties": {"xs": {"type": "array", "items": DIGITS, "minItems": 2, "maxItems": 4}},
-    "required": ["xs"],
-    "additionalProperties": False,
-}
 ENUM_NUMBER = {
     "type": "object",
     "properties": {
